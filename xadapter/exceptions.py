@@ -1,0 +1,35 @@
+"""Exception family of xadapter.
+
+Every error raised on bad input derives from :class:`XAdapterError` and from the
+built-in exception a caller would naturally catch (``ValueError`` for bad values,
+``AttributeError`` for an unfitted model), so ``except ValueError`` keeps working.
+Messages say what is wrong and how to fix it.
+"""
+
+
+class XAdapterError(Exception):
+    """Base class of all xadapter errors."""
+
+
+class InputError(XAdapterError, ValueError):
+    """Input data or parameters that cannot be used as given."""
+
+
+class CoordinateError(InputError):
+    """Site coordinates that are missing, invalid, or duplicated."""
+
+
+class MissingCoordinateError(CoordinateError):
+    """No usable latitude/longitude or x/y coordinates were found."""
+
+
+class DuplicateSiteError(CoordinateError):
+    """Two or more sites share the same coordinates."""
+
+
+class ProblemTooLargeError(InputError):
+    """A dense computation was requested for a problem size it cannot handle."""
+
+
+class NotFittedError(XAdapterError, AttributeError):
+    """A fitted attribute or method was used before ``fit``."""
