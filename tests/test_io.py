@@ -1,0 +1,89 @@
+import numpy as np
+import pytest
+import xarray as xr
+
+from xadapter import io
+from xadapter.exceptions import InputError
+
+
+def test_atomic_write_leaves_no_file_on_failure(tmp_path, monkeypatch):
+    ds = xr.Dataset({"a": ("x", np.arange(3.0))})
+    target = tmp_path / "out.nc"
+
+    def broken(self, path, **kwargs):
+        with open(path, "wb") as handle:
+            handle.write(b"partial")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(xr.Dataset, "to_netcdf", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        io.atomic_to_netcdf(ds, target)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_write_keeps_previous_file_on_failure(tmp_path, monkeypatch):
+    target = tmp_path / "out.nc"
+    first = xr.Dataset({"a": ("x", np.arange(3.0))})
+    io.atomic_to_netcdf(first, target)
+    original = target.read_bytes()
+
+    def broken(self, path, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(xr.Dataset, "to_netcdf", broken)
+    with pytest.raises(KeyboardInterrupt):
+        io.atomic_to_netcdf(first, target)
+    assert target.read_bytes() == original
+    assert [p.name for p in tmp_path.iterdir()] == ["out.nc"]
+
+
+def test_atomic_write_round_trip(tmp_path):
+    ds = xr.Dataset({"a": (("t", "x"), np.random.default_rng(0).standard_normal((4, 3)))}, attrs={"k": "v"})
+    io.atomic_to_netcdf(ds, tmp_path / "ok.nc")
+    with xr.open_dataset(tmp_path / "ok.nc") as back:
+        xr.testing.assert_identical(back.load(), ds)
+    with pytest.raises(InputError, match="does not exist"):
+        io.atomic_to_netcdf(ds, tmp_path / "missing" / "ok.nc")
+
+
+def _weather2k_file(path, n_stations=5, n_times=30, seed=0):
+    rng = np.random.default_rng(seed)
+    array = rng.standard_normal((n_stations, 23, n_times)).astype(np.float32)
+    lat = rng.uniform(20, 50, n_stations)
+    lon = rng.uniform(75, 130, n_stations)
+    alt = rng.uniform(0, 3000, n_stations)
+    array[:, 0, :] = lat[:, None]
+    array[:, 1, :] = lon[:, None]
+    array[:, 2, :] = alt[:, None]
+    np.save(path, array)
+    return array
+
+
+@pytest.mark.parametrize("chunks", [None, "auto"])
+def test_read_weather2k_layout(tmp_path, chunks):
+    path = tmp_path / "weather2k.npy"
+    array = _weather2k_file(path)
+    ds = io.read_weather2k(path, variables=("t", "ws"), chunks=chunks)
+    assert ds["t"].dims == ("time", "station")
+    assert ds.sizes == {"time": 30, "station": 5}
+    # air temperature is row 4, wind speed row 16 of the archive
+    np.testing.assert_allclose(ds["t"].values, array[:, 4, :].T, rtol=1e-6)
+    np.testing.assert_allclose(ds["ws"].values, array[:, 16, :].T, rtol=1e-6)
+    np.testing.assert_allclose(ds["lat"].values, array[:, 0, 0], rtol=1e-6)
+    np.testing.assert_allclose(ds["lon"].values, array[:, 1, 0], rtol=1e-6)
+    assert ds["t"].attrs["units"] == "degC"
+    assert ds["lat"].attrs["units"] == "degrees_north"
+    assert (ds.time.values[1] - ds.time.values[0]) == np.timedelta64(1, "h")
+    if chunks is not None:
+        assert hasattr(ds["t"].data, "dask")
+
+
+def test_read_weather2k_errors(tmp_path):
+    path = tmp_path / "bad.npy"
+    np.save(path, np.zeros((3, 5, 4)))
+    with pytest.raises(InputError, match="Weather2K"):
+        io.read_weather2k(path)
+    good = tmp_path / "good.npy"
+    _weather2k_file(good)
+    with pytest.raises(InputError, match="unknown Weather2K variables"):
+        io.read_weather2k(good, variables=("temperature",))
