@@ -204,3 +204,14 @@ def synthetic_field(
         coords=coords,
         attrs={"noise_sd": noise_sd, "seed": seed},
     )
+
+
+def grid_to_cells(field, dim="cell"):
+    """A gridded ``(time, lat, lon)`` field as station-like cells.
+
+    Stacks ``lat``/``lon`` to one ``dim`` numbered 0..N-1 with ``lat`` and ``lon`` as
+    plain coordinates along it, so that cells can be subset and held out like
+    stations (a fitted adapter then kriges held-out cells as new sites).
+    """
+    stacked = field.stack({dim: ("lat", "lon")}).reset_index(dim)
+    return stacked.assign_coords({dim: np.arange(stacked.sizes[dim])})

@@ -1,0 +1,239 @@
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import xarray as xr
+
+import xadapter
+from xadapter import SpatialAdapter, datasets
+from xadapter.admm import fit_adapter
+from xadapter.basis import subspace_distance
+from xadapter.covariance import low_rank_plus_noise
+from xadapter.exceptions import CoordinateError, DuplicateSiteError, InputError, MissingCoordinateError, NotFittedError
+
+
+@pytest.fixture(scope="module")
+def grid_field():
+    return datasets.synthetic_field(120, grid=(12, 10), rank=3, noise_sd=0.5, seed=1)
+
+
+@pytest.fixture(scope="module")
+def station_field():
+    return datasets.synthetic_field(120, n_stations=80, rank=3, noise_sd=0.5, seed=2)
+
+
+def test_grid_input_matches_numerical_core_and_dim_order(grid_field):
+    resid = grid_field["residual"]
+    adapter = SpatialAdapter(rank=5).fit(resid)
+    # the numerical core on the equivalent (time, lat*lon) array, lat varying slowest
+    data = resid.transpose("time", "lat", "lon").values.reshape(resid.sizes["time"], -1)
+    core = fit_adapter(data, 5)
+    cov = low_rank_plus_noise(core.basis, core.filled)
+    basis = adapter.basis.transpose("lat", "lon", "mode").values.reshape(-1, 5)
+    np.testing.assert_allclose(basis, core.basis, atol=1e-10)
+    np.testing.assert_allclose(adapter.scores.values, core.scores, atol=1e-8)
+    np.testing.assert_allclose(adapter.eigenvalues.values, cov.eigenvalues, rtol=1e-10)
+    assert adapter.noise_variance == pytest.approx(cov.noise_variance, rel=1e-12)
+    assert adapter.effective_rank == cov.effective_rank
+    # transposed input dims give the same numbers
+    transposed = SpatialAdapter(rank=5).fit(resid.transpose("lon", "time", "lat"))
+    xr.testing.assert_allclose(transposed.basis.transpose("lat", "lon", "mode"), adapter.basis.transpose("lat", "lon", "mode"))
+    assert transposed.noise_variance == pytest.approx(adapter.noise_variance, rel=1e-12)
+    assert adapter.basis.dims[-1] == "mode" and set(adapter.basis.dims) == {"lat", "lon", "mode"}
+    assert set(adapter.mean.dims) == {"lat", "lon"}
+
+
+def test_station_input_matches_numerical_core(station_field):
+    resid = station_field["residual"]
+    adapter = resid.sadapter.fit(rank=4)
+    core = fit_adapter(resid.values, 4)
+    assert adapter.basis.dims == ("station", "mode")
+    np.testing.assert_allclose(adapter.basis.values, core.basis, atol=1e-10)
+    np.testing.assert_allclose(adapter.basis["lat"].values, resid["lat"].values)
+    # every true pattern lies (almost) in the fitted span
+    captured = np.linalg.norm(adapter.basis.values.T @ station_field["true_basis"].values, axis=0)
+    assert captured.min() > 0.9
+    # float32 input gives the same fit to float32 precision
+    adapter32 = SpatialAdapter(rank=4).fit(resid.astype(np.float32))
+    assert subspace_distance(adapter32.basis.values, adapter.basis.values) < 1e-4
+
+
+def test_dataset_accessor_residual_and_covariates(station_field):
+    truth = station_field["residual"]
+    pred = xr.zeros_like(truth) + 1.5
+    ds = xr.Dataset({"obs": truth + 1.5, "pred": pred})
+    ds["obs"].attrs["units"] = "K"
+    ds["pred"].attrs["units"] = "K"
+    adapter = ds.sadapter.fit(target="obs", prediction="pred", rank=4)
+    direct = SpatialAdapter(rank=4).fit(truth)
+    np.testing.assert_allclose(adapter.basis.values, direct.basis.values, atol=1e-8)
+    with pytest.raises(InputError, match="not a variable"):
+        ds.sadapter.fit(target="obs", prediction="nothing")
+
+
+def test_kriged_grid_maps(grid_field):
+    resid = grid_field["residual"]
+    train = resid.isel(time=slice(0, 90))
+    adapter = SpatialAdapter(rank=6).fit(train)
+    test = resid.isel(time=slice(90, None))
+    rng = np.random.default_rng(0)
+    hide = xr.DataArray(rng.uniform(size=(12, 10)) < 0.3, dims=("lat", "lon"), coords={"lat": resid.lat, "lon": resid.lon})
+    result = adapter.krige(test.where(~hide), level=0.8)
+    assert set(result.data_vars) == {"mean", "variance", "lower", "upper"}
+    for name in result.data_vars:
+        assert set(result[name].dims) == {"time", "lat", "lon"}
+        np.testing.assert_array_equal(result["lat"].values, resid["lat"].values)
+    assert float(result["variance"].min()) >= 0
+    assert bool((result["lower"] <= result["mean"]).all()) and bool((result["mean"] <= result["upper"]).all())
+    assert result["variance"].attrs["units"] == "K^2"
+    # at the hidden cells the kriged mean recovers most of the true signal
+    signal = grid_field["true_signal"].isel(time=slice(90, None)).where(hide)
+    err = float(np.sqrt(((result["mean"] - signal) ** 2).mean()))
+    base = float(np.sqrt((signal**2).mean()))
+    assert err < 0.5 * base
+
+    # onto a finer lat/lon grid: gridded maps with the target coordinates
+    target = xr.Dataset(coords={"lat": np.linspace(31, 44, 7), "lon": np.linspace(-109, -91, 9)})
+    fine = adapter.krige(test, at=target)
+    assert fine["mean"].dims == ("time", "lat", "lon")
+    np.testing.assert_allclose(fine["lon"].values, target["lon"].values)
+    assert float(fine["variance"].min()) >= 0
+    # onto stations
+    stations = xr.Dataset(coords={"site": ["a", "b"], "lat": ("site", [35.0, 40.0]), "lon": ("site", [-100.0, -95.0])})
+    at_stations = adapter.krige(test, at=stations)
+    assert at_stations["mean"].dims == ("time", "site")
+    assert list(at_stations["site"].values) == ["a", "b"]
+
+
+def test_inputs_unchanged(grid_field):
+    resid = grid_field["residual"].copy(deep=True)
+    resid[0, 0, 0] = np.nan
+    before = resid.copy(deep=True)
+    adapter = SpatialAdapter(rank=3, tau1=1.0).fit(resid)
+    xr.testing.assert_identical(resid, before)
+    obs = resid.isel(time=slice(0, 5))
+    obs_before = obs.copy(deep=True)
+    adapter.krige(obs)
+    xr.testing.assert_identical(obs, obs_before)
+
+
+def test_round_trip_in_subprocess(grid_field, tmp_path):
+    resid = grid_field["residual"].isel(time=slice(0, 100)).copy()
+    resid[3, 2, 2] = np.nan
+    adapter = SpatialAdapter(rank=5, tau1=2.0).fit(resid)
+    path = tmp_path / "adapter.nc"
+    adapter.to_netcdf(path)
+    loaded = xadapter.load(path)
+    xr.testing.assert_identical(loaded.state, adapter.state)
+    assert loaded.get_params() == adapter.get_params()
+    observed = grid_field["residual"].isel(time=slice(100, 110)).where(grid_field["lon"] > -100)
+    observed.to_netcdf(tmp_path / "observed.nc")
+    expected = adapter.krige(observed)
+    expected.to_netcdf(tmp_path / "expected.nc")
+    script = textwrap.dedent(
+        f"""
+        import xarray as xr, xadapter
+        adapter = xadapter.load({str(path)!r})
+        observed = xr.open_dataarray({str(tmp_path / 'observed.nc')!r}).load()
+        result = adapter.krige(observed)
+        expected = xr.open_dataset({str(tmp_path / 'expected.nc')!r}).load()
+        for name in ("mean", "variance", "lower", "upper"):
+            assert (result[name].values == expected[name].values).all() or \\
+                (xr.testing.assert_equal(result[name], expected[name]) is None), name
+        print("identical")
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert "identical" in out.stdout
+
+
+def test_interrupted_write_leaves_no_file(grid_field, tmp_path, monkeypatch):
+    adapter = SpatialAdapter(rank=3).fit(grid_field["residual"])
+    path = tmp_path / "adapter.nc"
+
+    def broken(self, target, **kwargs):
+        open(target, "wb").write(b"half")
+        raise OSError("interrupted")
+
+    monkeypatch.setattr(xr.Dataset, "to_netcdf", broken)
+    with pytest.raises(OSError, match="interrupted"):
+        adapter.to_netcdf(path)
+    assert not path.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_not_fitted_and_repr(station_field):
+    adapter = SpatialAdapter(rank=3)
+    assert "not fitted" in repr(adapter)
+    with pytest.raises(NotFittedError, match="not fitted"):
+        adapter.basis
+    adapter.fit(station_field["residual"])
+    text = repr(adapter)
+    for word in ("sites: 80", "times: 120", "effective rank", "noise variance"):
+        assert word in text
+
+
+def _station(values, lat, lon, times=None):
+    times = np.arange(values.shape[0]) if times is None else times
+    return xr.DataArray(
+        values,
+        dims=("time", "station"),
+        coords={"time": times, "lat": ("station", lat), "lon": ("station", lon)},
+        attrs={"units": "K"},
+    )
+
+
+@pytest.fixture
+def small():
+    rng = np.random.default_rng(3)
+    return rng.standard_normal((20, 6)), np.array([30.0, 31, 32, 33, 34, 35]), np.array([-100.0, -99, -98, -97, -96, -95])
+
+
+def test_validation_messages(small):
+    values, lat, lon = small
+    good = _station(values, lat, lon)
+    cases = [
+        (good.rename(time="step"), {}, InputError, "no time dim"),
+        (good.drop_vars(["lat", "lon"]), {}, MissingCoordinateError, "no site coordinates"),
+        (_station(values, np.r_[lat[:5], np.nan], lon), {}, CoordinateError, "NaN"),
+        (_station(values, np.r_[lat[:5], 95.0], lon), {}, CoordinateError, "latitude out of range"),
+        (_station(values, np.r_[lat[:5], lat[0]], np.r_[lon[:5], lon[0]]), {}, DuplicateSiteError, "duplicate"),
+        (good.where(good.station != 2), {}, InputError, "no observation at any time"),
+        (good.isel(time=slice(0, 2)), {}, InputError, "at least 3 time steps"),
+        (good, {"rank": 6}, InputError, "smaller than the number of sites"),
+        (good, {"penalty": "spline"}, InputError, "unknown penalty"),
+        (good, {"tau1": -1.0}, InputError, "tau1"),
+        (good, {"tau2": -0.1}, InputError, "tau2"),
+    ]
+    for data, params, error, message in cases:
+        kwargs = {"rank": 2, **params}
+        with pytest.raises(error, match=message):
+            SpatialAdapter(**kwargs).fit(data)
+
+
+def test_krige_validation(small):
+    values, lat, lon = small
+    good = _station(values, lat, lon)
+    adapter = SpatialAdapter(rank=2).fit(good)
+    with pytest.raises(InputError, match="units"):
+        adapter.krige(good.assign_attrs(units="degC"))
+    other = good.assign_coords(station=np.arange(10, 16))
+    with pytest.raises(InputError, match="not fitted on"):
+        adapter.krige(other)
+    with pytest.raises(InputError, match="space dims"):
+        adapter.krige(good.rename(station="site"))
+    with pytest.raises(MissingCoordinateError, match="coordinates"):
+        adapter.krige(good, at=xr.Dataset(coords={"site": [1, 2]}))
+    with pytest.raises(InputError, match="Dataset or DataArray"):
+        adapter.krige(good, at=[(30.0, -100.0)])
+
+
+def test_covariance_small_n_matches_low_rank_form(station_field):
+    adapter = SpatialAdapter(rank=5).fit(station_field["residual"])
+    cov = adapter.covariance()
+    loadings = adapter.basis.values @ adapter.state["rotation"].values
+    dense = loadings @ np.diag(adapter.eigenvalues.values) @ loadings.T + adapter.noise_variance * np.eye(80)
+    np.testing.assert_allclose(cov.values, dense, rtol=1e-12, atol=1e-12)
+    assert cov.shape == (80, 80)

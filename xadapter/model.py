@@ -1,0 +1,782 @@
+"""The :class:`SpatialAdapter` model: labelled data in, labelled results out.
+
+The model stacks any residual DataArray to a ``(time, site)`` array, runs the
+numerical core (:mod:`~xadapter.admm`, :mod:`~xadapter.covariance`,
+:mod:`~xadapter.kriging`, :mod:`~xadapter.extend`, :mod:`~xadapter.finescale`) and turns
+the arrays back into DataArrays/Datasets with the input's dims, coordinates and CF
+attributes. Its whole fitted state is one :class:`xarray.Dataset` (``adapter.state``),
+which is what :meth:`SpatialAdapter.to_netcdf` writes and :func:`load` reads.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import warnings
+
+import numpy as np
+import scipy.sparse as sp
+import xarray as xr
+
+from . import __version__
+from .admm import fit_adapter
+from .covariance import low_rank_plus_noise
+from .exceptions import InputError, NotFittedError, ProblemTooLargeError
+from .extend import extend_basis
+from .io import atomic_to_netcdf
+from .kriging import krige as _krige_arrays
+from .labels import (
+    STACKED_DIM,
+    find_time_dim,
+    site_coordinates,
+    space_dims_of,
+    stack_space,
+    target_sites,
+)
+from .penalty import PENALTY_KINDS, build_penalty
+
+FINE_SCALE_KINDS = (None, "exponential", "matern32")
+
+#: Largest number of sites for which :meth:`SpatialAdapter.covariance` returns the
+#: dense N x N matrix.
+DENSE_COVARIANCE_MAX_SITES = 5000
+
+#: Dask-backed inputs larger than this are refused rather than loaded whole.
+MAX_LOAD_BYTES = 2 * 1024**3
+
+_PARAMETER_NAMES = (
+    "rank", "tau1", "tau2", "gamma", "penalty", "neighbors", "penalty_order", "fine_scale",
+    "ridge", "rho", "batch_size", "phi_every", "phi_freeze", "momentum", "min_iter", "max_iter",
+    "tol", "extension", "extension_neighbors", "extension_smoothing", "seed", "time_dim",
+    "space_dims", "progress",
+)
+
+
+class SpatialAdapter:
+    """Spatial adapter on the residuals of a frozen first-stage predictor.
+
+    Fits a smooth, optionally sparse, orthonormal spatial basis with per-time scores
+    and an optional residual trend (three-block ADMM), the low-rank-plus-noise
+    covariance they induce (effective rank by spectral thresholding), and kriges the
+    residual at unobserved sites with predictive variances and intervals.
+
+    Parameters
+    ----------
+    rank : int, default 10
+        Nominal number of basis functions ``K``; an upper bound on the effective rank.
+    tau1 : float, default 0.0
+        Smoothness weight (``tau1 * tr(Phi^T Omega Phi)``; the penalty is normalised
+        to unit largest eigenvalue, so ``tau1`` is in units of the eigenvalues of
+        ``Dc^T Dc``, residual units squared times time steps).
+    tau2 : float, default 0.0
+        Sparsity weight (L1 norm of the basis).
+    gamma : float or None, default None
+        Spectral threshold. None: noise-calibrated (Marchenko-Pastur/Tracy-Widom edge
+        with an effective sample size); a number: the paper's/SpatPCA's rule.
+    penalty : {"auto", "graph", "tps"}, default "auto"
+        Smoothness penalty: thin-plate bending energy (small N) or the kNN graph
+        Laplacian (any N). ``"auto"``: thin-plate up to 1000 sites.
+    neighbors : int, default 8
+        Neighbours per site of the graph penalty.
+    penalty_order : {1, 2}, default 2
+        Graph penalty ``L`` or ``L @ L``.
+    fine_scale : {None, "exponential", "matern32"}, default None
+        Short-range covariance of the remainder beyond the low rank; None keeps the
+        paper's pure low-rank-plus-white-noise model.
+    ridge : float
+        Ridge weight of the residual trend.
+    rho, batch_size, phi_every, phi_freeze, momentum, min_iter, max_iter, tol
+        ADMM settings (see :func:`xadapter.admm.fit_adapter`).
+    extension : {"auto", "global", "local"}
+        Thin-plate extension of the basis to new sites.
+    extension_neighbors : int
+        Neighbours of the local extension.
+    extension_smoothing : float
+        Smoothing of the extension, in units of the typical site spacing.
+    seed : int
+        Seed of every random choice (mini-batch order, subsamples).
+    time_dim : str, optional
+        Name of the time dim (default: found by name or datetime dtype).
+    space_dims : str or tuple of str, optional
+        Space dims (default: every dim but time).
+    progress : bool
+        Report progress of long fits.
+    """
+
+    def __init__(
+        self,
+        rank=10,
+        tau1=0.0,
+        tau2=0.0,
+        gamma=None,
+        penalty="auto",
+        neighbors=8,
+        penalty_order=2,
+        fine_scale=None,
+        ridge=1e-6,
+        rho=1.0,
+        batch_size=None,
+        phi_every=1,
+        phi_freeze=None,
+        momentum=0.0,
+        min_iter=5,
+        max_iter=200,
+        tol=1e-4,
+        extension="auto",
+        extension_neighbors=50,
+        extension_smoothing=0.0,
+        seed=0,
+        time_dim=None,
+        space_dims=None,
+        progress=False,
+    ):
+        self.rank = rank
+        self.tau1 = tau1
+        self.tau2 = tau2
+        self.gamma = gamma
+        self.penalty = penalty
+        self.neighbors = neighbors
+        self.penalty_order = penalty_order
+        self.fine_scale = fine_scale
+        self.ridge = ridge
+        self.rho = rho
+        self.batch_size = batch_size
+        self.phi_every = phi_every
+        self.phi_freeze = phi_freeze
+        self.momentum = momentum
+        self.min_iter = min_iter
+        self.max_iter = max_iter
+        self.tol = tol
+        self.extension = extension
+        self.extension_neighbors = extension_neighbors
+        self.extension_smoothing = extension_smoothing
+        self.seed = seed
+        self.time_dim = time_dim
+        self.space_dims = space_dims
+        self.progress = progress
+        self._state = None
+
+    # ------------------------------------------------------------------ parameters
+    def get_params(self):
+        """Hyperparameters as a dict (scikit-learn convention)."""
+        return {name: getattr(self, name) for name in _PARAMETER_NAMES}
+
+    def _validate_params(self):
+        if not (isinstance(self.rank, (int, np.integer)) and self.rank >= 1):
+            raise InputError(f"rank must be a positive integer, got {self.rank!r}.")
+        for name in ("tau1", "tau2"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float, np.floating, np.integer)) or not np.isfinite(value) or value < 0:
+                raise InputError(f"{name} must be a finite number >= 0, got {value!r}.")
+        if self.gamma is not None and not (np.isfinite(self.gamma) and self.gamma >= 0):
+            raise InputError(f"gamma must be None or a number >= 0, got {self.gamma!r}.")
+        if self.penalty not in PENALTY_KINDS:
+            raise InputError(f"unknown penalty {self.penalty!r}; choose one of {PENALTY_KINDS}.")
+        if self.fine_scale not in FINE_SCALE_KINDS:
+            raise InputError(f"unknown fine_scale {self.fine_scale!r}; choose one of {FINE_SCALE_KINDS}.")
+
+    # ------------------------------------------------------------------ fitting
+    def fit(self, residuals, covariates=None):
+        """Fit the adapter on a residual field.
+
+        Parameters
+        ----------
+        residuals : xarray.DataArray
+            ``(time, space dims...)`` residuals of the first stage, NaN where missing.
+            Station data: one space dim with ``lat``/``lon`` (or ``x``/``y``)
+            coordinates; gridded data: ``lat``/``lon`` dims in any order.
+        covariates : xarray.DataArray, optional
+            Covariates of the residual trend with a ``feature`` dim and any of the
+            time and space dims (missing dims broadcast).
+
+        Returns
+        -------
+        self
+        """
+        self._validate_params()
+        residuals = _as_dataarray(residuals, "residuals")
+        time_dim = find_time_dim(residuals, self.time_dim)
+        space_dims = space_dims_of(residuals, time_dim, self.space_dims)
+        stacked, site_dim = stack_space(residuals, space_dims)
+        stacked = stacked.transpose(time_dim, site_dim)
+        sites = site_coordinates(stacked, site_dim, space_dims)
+        data = _to_numpy(stacked, "residuals")
+        n_times, n_sites = data.shape
+        _check_data(data, stacked, site_dim, time_dim, self.rank)
+        feature_values, covariate_array = _covariate_array(covariates, stacked, time_dim, site_dim, space_dims)
+
+        omega = self._penalty(sites)
+        fit = fit_adapter(
+            data,
+            self.rank,
+            omega=omega,
+            tau1=float(self.tau1),
+            tau2=float(self.tau2),
+            covariates=covariate_array,
+            ridge=self.ridge,
+            rho=self.rho,
+            batch_size=self.batch_size,
+            phi_every=self.phi_every,
+            phi_freeze=self.phi_freeze,
+            momentum=self.momentum,
+            min_iter=self.min_iter,
+            max_iter=self.max_iter,
+            tol_rel=self.tol,
+            seed=self.seed,
+            progress=self.progress,
+        )
+        covariance = low_rank_plus_noise(fit.basis, fit.filled, gamma=self.gamma)
+        self._state = self._build_state(stacked, site_dim, space_dims, time_dim, sites, fit, covariance,
+                                        feature_values)
+        return self
+
+    def _penalty(self, sites):
+        if float(self.tau1) == 0.0:
+            return None
+        kind = self.penalty
+        if kind == "auto":
+            kind = "tps" if sites.size <= 1000 else "graph"
+        if kind == "tps":
+            return build_penalty(sites.planar_km(), "tps")
+        coords, geographic = sites.graph_coords()
+        return build_penalty(coords, "graph", k=self.neighbors, order=self.penalty_order, geographic=geographic)
+
+    def _build_state(self, stacked, site_dim, space_dims, time_dim, sites, fit, covariance, feature_values):
+        rank = fit.basis.shape[1]
+        site_coords = _site_coords(stacked, site_dim)
+        units = stacked.attrs.get("units", "")
+        squared = _squared_units(units)
+        history = {key: np.asarray(value) for key, value in fit.history.items() if np.ndim(value) == 1}
+        n_hist = len(next(iter(history.values()))) if history else 0
+        data_vars = {
+            "basis": ((site_dim, "mode"), fit.basis, {"long_name": "orthonormal spatial basis", "units": "1"}),
+            "scores": ((time_dim, "mode"), fit.scores, {"long_name": "basis scores", "units": units}),
+            "mean": ((site_dim,), fit.mean, {"long_name": "per-site time mean of training residuals",
+                                              "units": units}),
+            "eigenvalues": (("mode",), covariance.eigenvalues,
+                            {"long_name": "thresholded eigenvalues of the low-rank covariance", "units": squared}),
+            "sample_eigenvalues": (("mode",), covariance.sample_eigenvalues,
+                                   {"long_name": "eigenvalues of Phi^T S Phi", "units": squared}),
+            "rotation": (("mode", "component"), covariance.rotation,
+                         {"long_name": "rotation V of the basis to covariance eigenvectors", "units": "1"}),
+            "noise_variance": ((), float(covariance.noise_variance),
+                               {"long_name": "white-noise variance", "units": squared}),
+            "effective_rank": ((), int(covariance.effective_rank),
+                               {"long_name": "number of positive eigenvalues", "units": "1"}),
+        }
+        if fit.trend_coef is not None:
+            data_vars["trend_coefficients"] = (("feature",), np.asarray(fit.trend_coef),
+                                               {"long_name": "residual trend coefficients"})
+        for key, values in history.items():
+            data_vars[f"history_{key}"] = (("iteration",), values.astype(np.float64))
+        coords = dict(site_coords)
+        coords[time_dim] = stacked[time_dim].values
+        coords["mode"] = np.arange(rank)
+        coords["component"] = np.arange(rank)
+        if feature_values is not None:
+            coords["feature"] = feature_values
+        if n_hist:
+            coords["iteration"] = np.arange(n_hist)
+        attrs = {
+            "xadapter_version": __version__,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "parameters": json.dumps(_jsonable(self.get_params())),
+            "time_dim": str(time_dim),
+            "site_dim": str(site_dim),
+            "space_dims": json.dumps([str(d) for d in _stack_order(stacked, site_dim, space_dims)]),
+            "geographic": int(sites.geographic),
+            "units": units,
+            "n_times": int(fit.scores.shape[0]),
+            "n_sites": int(fit.basis.shape[0]),
+            "converged": int(bool(getattr(fit, "converged", True))),
+            "n_iter": int(getattr(fit, "n_iter", 0)),
+            "skipped_loop": int(bool(getattr(fit, "skipped_loop", False))),
+            "n_eff": float(getattr(covariance, "n_eff", np.nan) or np.nan),
+        }
+        centre = sites.centre()
+        if centre is not None:
+            attrs["projection_centre"] = json.dumps(list(centre))
+        return xr.Dataset(data_vars, coords=coords, attrs=attrs)
+
+    # ------------------------------------------------------------------ fitted state
+    @property
+    def state(self):
+        """The fitted state as one Dataset (what is saved to NetCDF)."""
+        if self._state is None:
+            raise NotFittedError("this SpatialAdapter is not fitted yet; call fit(residuals) first.")
+        return self._state
+
+    @property
+    def is_fitted(self):
+        return self._state is not None
+
+    @property
+    def _site_dim(self):
+        return self.state.attrs["site_dim"]
+
+    @property
+    def _time_dim(self):
+        return self.state.attrs["time_dim"]
+
+    @property
+    def _space_dims(self):
+        return tuple(json.loads(self.state.attrs["space_dims"]))
+
+    def _unstack(self, obj):
+        """Unstack a stacked site dim back to the fitted space dims."""
+        site_dim = self._site_dim
+        space_dims = self._space_dims
+        if len(space_dims) == 1 or site_dim not in obj.dims:
+            return obj
+        order = []
+        for dim in obj.dims:
+            order.extend(space_dims if dim == site_dim else [dim])
+        return obj.set_index({site_dim: list(space_dims)}).unstack(site_dim).transpose(*order)
+
+    @property
+    def basis(self):
+        """Spatial basis ``Phi``, DataArray (space dims..., mode), orthonormal columns."""
+        return self._unstack(self.state["basis"])
+
+    @property
+    def scores(self):
+        """Per-time scores ``a_t = Phi^T (z_t - mean)``, DataArray (time, mode)."""
+        return self.state["scores"]
+
+    @property
+    def mean(self):
+        """Per-site time mean of the training residuals (minus trend), DataArray (space dims...)."""
+        return self._unstack(self.state["mean"])
+
+    @property
+    def eigenvalues(self):
+        """Thresholded covariance eigenvalues ``lambda``, DataArray (mode), units squared."""
+        return self.state["eigenvalues"]
+
+    @property
+    def noise_variance(self):
+        """White-noise variance ``sigma^2`` (units squared), float."""
+        return float(self.state["noise_variance"])
+
+    @property
+    def effective_rank(self):
+        """Number of positive eigenvalues (<= rank)."""
+        return int(self.state["effective_rank"])
+
+    @property
+    def trend_coefficients(self):
+        """Residual trend coefficients ``theta``, DataArray (feature), or None."""
+        return self.state.get("trend_coefficients")
+
+    @property
+    def history(self):
+        """Per-iteration convergence record, Dataset over ``iteration``."""
+        names = [n for n in self.state.data_vars if n.startswith("history_")]
+        ds = self.state[names].rename({n: n[len("history_"):] for n in names})
+        return ds.assign_attrs(converged=bool(self.state.attrs["converged"]),
+                               skipped_loop=bool(self.state.attrs["skipped_loop"]))
+
+    def _loadings(self):
+        return self.state["basis"].values @ self.state["rotation"].values
+
+    def covariance(self):
+        """Dense model covariance ``B diag(lambda) B^T + sigma^2 I`` (small N only).
+
+        Returns
+        -------
+        xarray.DataArray
+            (site, site_) in residual units squared.
+
+        Raises
+        ------
+        ProblemTooLargeError
+            Above :data:`DENSE_COVARIANCE_MAX_SITES` sites.
+        """
+        n_sites = self.state.sizes[self._site_dim]
+        if n_sites > DENSE_COVARIANCE_MAX_SITES:
+            raise ProblemTooLargeError(
+                f"the dense covariance of {n_sites} sites would need {n_sites**2 * 8 / 1e9:.1f} GB; "
+                "use basis, eigenvalues and noise_variance (low-rank form) or krige() instead."
+            )
+        loadings = self._loadings()
+        matrix = (loadings * self.state["eigenvalues"].values) @ loadings.T
+        matrix[np.diag_indices_from(matrix)] += self.noise_variance
+        site_dim = self._site_dim
+        other = f"{site_dim}_"
+        coords = {k: v for k, v in self.state[site_dim].coords.items()}
+        coords_other = {(f"{k}_" if k != site_dim else other): (other, v.values) for k, v in coords.items()}
+        out = xr.DataArray(matrix, dims=(site_dim, other), coords={**{k: (site_dim, v.values) for k, v in coords.items()}, **coords_other})
+        return out.assign_attrs(long_name="model covariance of the residual", units=self.state["eigenvalues"].attrs["units"])
+
+    # ------------------------------------------------------------------ kriging
+    def krige(self, observed, at=None, level=0.9, include_noise=True, calibrate=None, covariates=None,
+              first_stage=None):
+        """Krige the residual at unobserved sites.
+
+        Parameters
+        ----------
+        observed : xarray.DataArray
+            Observed residuals ``(time, space dims...)`` on (a subset of) the fitted
+            sites, NaN where unobserved; same units as the fitted residuals.
+        at : xarray.Dataset or DataArray, optional
+            Target locations (stations with lat/lon or x/y coordinates, or a lat/lon
+            grid). Default: the fitted sites, filling the ones missing in ``observed``.
+        level : float, default 0.9
+            Central probability of the intervals.
+        include_noise : bool, default True
+            Predict a new observation (adds the white-noise variance) rather than the
+            latent field.
+        calibrate : float or tuple, optional
+            Interval multiplier: a number, or ``(truth, result)`` of a calibration
+            run from which a split-conformal multiplier is computed.
+        covariates : xarray.DataArray, optional
+            Covariates of the residual trend over the times of ``observed`` and every
+            observed and target site (matched by space labels).
+        first_stage : xarray.DataArray, optional
+            First-stage prediction at the targets; added to ``mean``/``lower``/``upper``.
+
+        Returns
+        -------
+        xarray.Dataset
+            ``mean``, ``variance``, ``lower``, ``upper`` with dims (time, target dims).
+        """
+        state = self.state
+        observed = _as_dataarray(observed, "observed")
+        time_dim, site_dim = self._time_dim, self._site_dim
+        if time_dim not in observed.dims:
+            raise InputError(f"observed has no {time_dim!r} dim (dims: {tuple(observed.dims)}); it must match the fitted adapter.")
+        self._check_units(observed)
+        obs_stacked = self._align_observed(observed)
+        data = _to_numpy(obs_stacked, "observed")
+        n_times = data.shape[0]
+        mean_fit = state["mean"].values
+
+        trend_obs = self._trend_at(covariates, obs_stacked, site_dim, time_dim)
+        if trend_obs is not None:
+            data = data - trend_obs
+
+        multiplier = _multiplier(calibrate, level)
+        loadings = self._loadings()
+        eigenvalues = state["eigenvalues"].values
+        if at is None:
+            template = obs_stacked.isel({time_dim: 0}, drop=True)
+            target_loadings, target_mean = loadings, mean_fit
+            trend_target = trend_obs
+        else:
+            template, targets = target_sites(at)
+            target_basis, target_mean = self._extend(targets)
+            target_loadings = target_basis @ state["rotation"].values
+            trend_target = self._trend_at(covariates, template.expand_dims({time_dim: obs_stacked[time_dim].values}),
+                                          template.dims[0], time_dim)
+        result = _krige_arrays(
+            data, loadings, eigenvalues, self.noise_variance,
+            target_loadings=target_loadings, mean=mean_fit, target_mean=target_mean,
+            include_noise=include_noise, level=level, multiplier=multiplier,
+        )
+        shift = np.zeros((n_times, target_loadings.shape[0]))
+        if trend_target is not None:
+            shift = shift + trend_target
+        if first_stage is not None:
+            shift = shift + self._first_stage_at(first_stage, template, obs_stacked[time_dim])
+        return self._kriging_dataset(result, shift, template, obs_stacked[time_dim], level, include_noise, at is None)
+
+    def _check_units(self, observed):
+        fitted = self.state.attrs.get("units", "")
+        given = observed.attrs.get("units")
+        if given is not None and fitted and str(given) != str(fitted):
+            raise InputError(
+                f"observed has units {given!r} but the adapter was fitted on {fitted!r}; "
+                "convert the observations to the fitted units first."
+            )
+
+    def _align_observed(self, observed):
+        site_dim, time_dim = self._site_dim, self._time_dim
+        space_dims = self._space_dims
+        missing = [d for d in space_dims if d not in observed.dims]
+        if missing:
+            raise InputError(
+                f"observed lacks the fitted space dims {missing} (dims: {tuple(observed.dims)}); "
+                "give observations on the fitted sites (NaN where unobserved)."
+            )
+        stacked, dim = stack_space(observed, space_dims)
+        stacked = stacked.transpose(time_dim, dim)
+        fitted_index = self._site_index()
+        given_index = _stacked_index(stacked, dim, space_dims)
+        positions = fitted_index.get_indexer(given_index)
+        if np.any(positions < 0):
+            unknown = [given_index[i] for i in np.flatnonzero(positions < 0)[:5]]
+            raise InputError(
+                f"observed has sites that the adapter was not fitted on, e.g. {unknown}; "
+                "krige new locations with at=... and give observations on fitted sites only."
+            )
+        values = np.full((stacked.sizes[time_dim], len(fitted_index)), np.nan)
+        values[:, positions] = np.asarray(stacked.values, dtype=np.float64)
+        coords = {time_dim: stacked[time_dim].values}
+        coords.update({k: (site_dim, v.values) for k, v in self.state[site_dim].coords.items()})
+        return xr.DataArray(values, dims=(time_dim, site_dim), coords=coords, attrs=observed.attrs)
+
+    def _site_index(self):
+        import pandas as pd
+
+        site = self.state[self._site_dim]
+        space_dims = self._space_dims
+        if len(space_dims) == 1:
+            return pd.Index(site.values)
+        return pd.MultiIndex.from_arrays([self.state[d].values for d in space_dims], names=list(space_dims))
+
+    def _extend(self, targets):
+        state = self.state
+        geographic = bool(state.attrs["geographic"])
+        if geographic != targets.geographic:
+            raise InputError(
+                "`at` and the fitted sites use different coordinate systems (lat/lon vs x/y); "
+                "give target locations in the fitted system."
+            )
+        fitted = self._fitted_sites()
+        centre = fitted.centre()
+        new = targets.planar_km(centre) if geographic else targets.xy_km
+        values = np.column_stack([state["basis"].values, state["mean"].values])
+        extended = extend_basis(new, fitted.planar_km(centre), values, method=self.extension,
+                                neighbors=self.extension_neighbors, smoothing=self.extension_smoothing)
+        return extended[:, :-1], extended[:, -1]
+
+    def _fitted_sites(self):
+        from .labels import Sites
+
+        state = self.state
+        site_dim = self._site_dim
+        if bool(state.attrs["geographic"]):
+            from .labels import LATITUDE_RULES, LONGITUDE_RULES, find_coordinate
+
+            lat = state[find_coordinate(state, LATITUDE_RULES)].values
+            lon = state[find_coordinate(state, LONGITUDE_RULES)].values
+            return Sites(site_dim, self._space_dims, True, lat=lat, lon=lon)
+        stacked = state["mean"]
+        return site_coordinates(stacked, site_dim, self._space_dims)
+
+    def _trend_at(self, covariates, stacked, site_dim, time_dim):
+        if "trend_coefficients" not in self.state:
+            return None
+        if covariates is None:
+            raise InputError(
+                "the adapter has a residual trend: pass covariates=... covering the observed "
+                "times and every observed and target site."
+            )
+        from .trend import evaluate_trend
+
+        space_dims = self._space_dims if site_dim == self._site_dim else tuple(
+            d for d in covariates.dims if d not in (time_dim, "feature"))
+        features, array = _covariate_array(covariates, stacked, time_dim, site_dim, space_dims)
+        expected = self.state["feature"].values
+        if features is None or len(features) != len(expected) or np.any(np.asarray(features) != expected):
+            raise InputError(f"covariates must have the fitted features {list(expected)}, got {features}.")
+        return evaluate_trend(array, self.state["trend_coefficients"].values, stacked.sizes[time_dim],
+                              stacked.sizes[site_dim])
+
+    def _first_stage_at(self, first_stage, template, times):
+        first_stage = _as_dataarray(first_stage, "first_stage")
+        dims = [d for d in first_stage.dims if d != self._time_dim]
+        stacked, dim = stack_space(first_stage, tuple(dims))
+        stacked = stacked.transpose(self._time_dim, dim)
+        if stacked.shape != (len(times), template.size):
+            raise InputError(
+                f"first_stage has shape {stacked.shape}; it must cover the kriging times "
+                f"({len(times)}) and targets ({template.size})."
+            )
+        return np.asarray(stacked.values, dtype=np.float64)
+
+    def _kriging_dataset(self, result, shift, template, times, level, include_noise, fitted_targets):
+        time_dim = self._time_dim
+        dim = template.dims[0]
+        units = self.state.attrs.get("units", "")
+        coords = {time_dim: times.values}
+        coords.update({k: (dim, v.values) for k, v in template.coords.items() if v.dims == (dim,)})
+        out = xr.Dataset(coords=coords)
+        what = "new observation" if include_noise else "latent residual field"
+        specs = {
+            "mean": (result.mean + shift, units, f"kriged mean of the {what}"),
+            "variance": (result.variance, _squared_units(units), f"kriging variance of the {what}"),
+            "lower": (result.lower + shift, units, f"lower bound of the {level:.0%} interval"),
+            "upper": (result.upper + shift, units, f"upper bound of the {level:.0%} interval"),
+        }
+        for name, (values, var_units, long_name) in specs.items():
+            out[name] = ((time_dim, dim), values, {"units": var_units, "long_name": long_name})
+        if isinstance(template.indexes.get(dim), __import__("pandas").MultiIndex):
+            out = out.assign_coords(xr.Coordinates.from_pandas_multiindex(template.indexes[dim], dim)).unstack(dim)
+        elif fitted_targets:
+            out = self._unstack(out)
+        out.attrs.update(level=level, include_noise=int(include_noise), multiplier=float(result.multiplier),
+                         xadapter_version=__version__,
+                         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+        return out
+
+    # ------------------------------------------------------------------ persistence
+    def to_netcdf(self, path):
+        """Write the fitted adapter to one CF-style NetCDF file, atomically."""
+        atomic_to_netcdf(self.state, path)
+
+    def __repr__(self):
+        params = ", ".join(f"{k}={getattr(self, k)!r}" for k in ("rank", "tau1", "tau2", "penalty", "fine_scale"))
+        if self._state is None:
+            return f"<SpatialAdapter (not fitted) {params}>"
+        state = self.state
+        status = "skipped (exact)" if state.attrs["skipped_loop"] else (
+            f"{'converged' if state.attrs['converged'] else 'NOT converged'} in {state.attrs['n_iter']} iterations")
+        units = _squared_units(state.attrs.get("units", ""))
+        lines = [
+            f"<SpatialAdapter {params}>",
+            f"  sites: {state.attrs['n_sites']}   times: {state.attrs['n_times']}",
+            f"  rank: {state.sizes['mode']}   effective rank: {self.effective_rank}",
+            f"  noise variance: {self.noise_variance:.4g} {units}".rstrip(),
+            f"  ADMM: {status}",
+        ]
+        return "\n".join(lines)
+
+
+def load(path):
+    """Restore a :class:`SpatialAdapter` written by :meth:`SpatialAdapter.to_netcdf`."""
+    with xr.open_dataset(path) as ds:
+        state = ds.load()
+    if "parameters" not in state.attrs:
+        raise InputError(f"{path} is not an xadapter file (no 'parameters' attribute).")
+    params = json.loads(state.attrs["parameters"])
+    if isinstance(params.get("space_dims"), list):
+        params["space_dims"] = tuple(params["space_dims"])
+    adapter = SpatialAdapter(**params)
+    adapter._state = state
+    return adapter
+
+
+# ---------------------------------------------------------------------- helpers
+def _as_dataarray(obj, what):
+    if not isinstance(obj, xr.DataArray):
+        raise InputError(f"{what} must be an xarray.DataArray, got {type(obj).__name__}.")
+    return obj
+
+
+def _to_numpy(stacked, what):
+    data = stacked.data
+    if hasattr(data, "dask") or type(data).__module__.startswith("dask"):
+        if stacked.nbytes > MAX_LOAD_BYTES:
+            raise InputError(
+                f"{what} is a dask array of {stacked.nbytes / 1e9:.1f} GB; this version fits in memory. "
+                "Subset or coarsen the data, or load a part of it explicitly."
+            )
+        warnings.warn(f"loading the dask-backed {what} ({stacked.nbytes / 1e6:.0f} MB) into memory.",
+                      stacklevel=3)
+    return np.array(stacked.values, dtype=np.float64)
+
+
+def _check_data(data, stacked, site_dim, time_dim, rank):
+    n_times, n_sites = data.shape
+    if n_times < 3:
+        raise InputError(f"need at least 3 time steps to fit an adapter, got {n_times}.")
+    if rank >= n_sites:
+        raise InputError(f"rank={rank} must be smaller than the number of sites ({n_sites}); lower rank.")
+    if np.isinf(data).any():
+        raise InputError("residuals contain infinite values; replace them with NaN (missing) or fix them.")
+    empty = np.flatnonzero(np.isnan(data).all(axis=0))
+    if empty.size:
+        labels = [_site_label(stacked, site_dim, i) for i in empty[:5]]
+        raise InputError(
+            f"site(s) {labels} have no observation at any time (all NaN); drop them before fitting "
+            f"({empty.size} in all)."
+        )
+
+
+def _stack_order(stacked, site_dim, space_dims):
+    index = stacked.indexes.get(site_dim)
+    if index is not None and hasattr(index, "levels"):
+        return tuple(index.names)
+    return tuple(space_dims)
+
+
+def _site_label(stacked, site_dim, index):
+    value = stacked[site_dim].values[index]
+    return value.item() if hasattr(value, "item") else value
+
+
+def _site_coords(stacked, site_dim):
+    """Coordinates along the site dim, with a stacked MultiIndex flattened to variables."""
+    obj = stacked
+    if site_dim in obj.indexes and hasattr(obj.indexes[site_dim], "levels"):
+        obj = obj.reset_index(site_dim)
+    coords = {}
+    for name, coord in obj.coords.items():
+        if coord.dims == (site_dim,):
+            coords[name] = (site_dim, coord.values, coord.attrs)
+    if site_dim not in coords:
+        coords[site_dim] = np.arange(stacked.sizes[site_dim])
+    return coords
+
+
+def _stacked_index(stacked, dim, space_dims):
+    import pandas as pd
+
+    if len(space_dims) == 1:
+        return pd.Index(stacked[dim].values)
+    index = stacked.indexes[dim]
+    return pd.MultiIndex.from_arrays([index.get_level_values(d) for d in space_dims])
+
+
+def _covariate_array(covariates, stacked, time_dim, site_dim, space_dims):
+    """Covariates as (T, N, p), (T, p) or (N, p) aligned with ``stacked``."""
+    if covariates is None:
+        return None, None
+    covariates = _as_dataarray(covariates, "covariates")
+    if "feature" not in covariates.dims:
+        raise InputError(f"covariates need a 'feature' dim (dims: {tuple(covariates.dims)}).")
+    has_time = time_dim in covariates.dims
+    has_space = all(d in covariates.dims for d in space_dims)
+    if has_time:
+        covariates = covariates.sel({time_dim: stacked[time_dim].values}) if time_dim in covariates.indexes else covariates
+        if covariates.sizes[time_dim] != stacked.sizes[time_dim]:
+            raise InputError("covariates do not cover the times of the residuals.")
+    if has_space:
+        cov_stacked, dim = stack_space(covariates, space_dims)
+        index = _stacked_index(cov_stacked, dim, space_dims)
+        wanted = _stacked_index(stacked, site_dim, space_dims) if site_dim in stacked.indexes else None
+        if wanted is not None:
+            positions = index.get_indexer(wanted)
+            if np.any(positions < 0):
+                raise InputError("covariates do not cover every site of the residuals (matched by space labels).")
+            cov_stacked = cov_stacked.isel({dim: positions})
+        order = ((time_dim,) if has_time else ()) + (dim, "feature")
+        array = np.asarray(cov_stacked.transpose(*order).values, dtype=np.float64)
+    elif has_time:
+        array = np.asarray(covariates.transpose(time_dim, "feature").values, dtype=np.float64)
+    else:
+        raise InputError("covariates must vary along time, space or both (besides 'feature').")
+    return covariates["feature"].values if "feature" in covariates.coords else np.arange(covariates.sizes["feature"]), array
+
+
+def _multiplier(calibrate, level):
+    if calibrate is None:
+        return None
+    if isinstance(calibrate, (int, float, np.floating)):
+        if not calibrate > 0:
+            raise InputError(f"calibrate must be a positive interval multiplier, got {calibrate}.")
+        return float(calibrate)
+    try:
+        truth, result = calibrate
+    except (TypeError, ValueError):
+        raise InputError("calibrate must be a multiplier or a (truth, kriging result) pair.") from None
+    from .kriging import conformal_multiplier
+
+    return conformal_multiplier(np.asarray(truth), np.asarray(result["mean"]), np.asarray(result["variance"]), level)
+
+
+def _squared_units(units):
+    if not units:
+        return ""
+    return f"({units})^2" if " " in units or "/" in units else f"{units}^2"
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
