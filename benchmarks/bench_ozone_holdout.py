@@ -47,14 +47,15 @@ def scores(truth, mean, variance, lower, upper):
 
 
 def run_adapter(resid, hidden, settings):
+    cells = datasets.grid_to_cells(resid)
+    hidden_cells = hidden.stack(cell=("lat", "lon")).values
+    train, test = cells.isel(cell=~hidden_cells), cells.isel(cell=hidden_cells)
     start = time.perf_counter()
-    train = resid.isel(time=slice(0, N_TRAIN)).where(~hidden)
-    adapter = SpatialAdapter(**settings).fit(train)
-    test = resid.isel(time=slice(N_TRAIN, None))
-    result = adapter.krige(test.where(~hidden), level=LEVEL)
+    adapter = SpatialAdapter(**settings).fit(train.isel(time=slice(0, N_TRAIN)))
+    result = adapter.krige(train.isel(time=slice(N_TRAIN, None)), at=test.isel(time=0, drop=True), level=LEVEL)
     elapsed = time.perf_counter() - start
-    truth = test.where(hidden).values
-    pred = result.transpose("time", "lat", "lon")
+    truth = test.isel(time=slice(N_TRAIN, None)).transpose("time", "cell").values
+    pred = result.transpose("time", "cell")
     out = scores(truth, pred["mean"].values, pred["variance"].values, pred["lower"].values, pred["upper"].values)
     out["time"] = elapsed
     out["rank"] = adapter.effective_rank

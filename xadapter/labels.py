@@ -114,6 +114,15 @@ class Sites:
             return planar_coords_km(self.lat, self.lon, centre)
         return self.xy_km
 
+    def pairwise_km(self):
+        """Dense (N, N) distances in km (small N only): great-circle or planar."""
+        if self.geographic:
+            from .geometry import great_circle_km
+
+            return great_circle_km(self.lat[:, None], self.lon[:, None], self.lat[None, :], self.lon[None, :])
+        diff = self.xy_km[:, None, :] - self.xy_km[None, :, :]
+        return np.sqrt((diff**2).sum(-1))
+
     def centre(self):
         return domain_centre(self.lat, self.lon) if self.geographic else None
 

@@ -23,6 +23,7 @@ from .admm import fit_adapter
 from .covariance import low_rank_plus_noise
 from .exceptions import InputError, NotFittedError, ProblemTooLargeError
 from .extend import extend_basis
+from .finescale import FineScaleParams, fit_fine_scale, krige_with_fine_scale
 from .io import atomic_to_netcdf
 from .kriging import krige as _krige_arrays
 from .labels import (
@@ -48,7 +49,7 @@ _PARAMETER_NAMES = (
     "rank", "tau1", "tau2", "gamma", "penalty", "neighbors", "penalty_order", "fine_scale",
     "ridge", "rho", "batch_size", "phi_every", "phi_freeze", "momentum", "min_iter", "max_iter",
     "tol", "extension", "extension_neighbors", "extension_smoothing", "seed", "time_dim",
-    "space_dims", "progress",
+    "space_dims", "progress", "fine_neighbors",
 )
 
 
@@ -83,6 +84,8 @@ class SpatialAdapter:
     fine_scale : {None, "exponential", "matern32"}, default None
         Short-range covariance of the remainder beyond the low rank; None keeps the
         paper's pure low-rank-plus-white-noise model.
+    fine_neighbors : int, default 30
+        Observed neighbours per target in the local kriging of the fine-scale part.
     ridge : float
         Ridge weight of the residual trend.
     rho, batch_size, phi_every, phi_freeze, momentum, min_iter, max_iter, tol
@@ -129,6 +132,7 @@ class SpatialAdapter:
         time_dim=None,
         space_dims=None,
         progress=False,
+        fine_neighbors=30,
     ):
         self.rank = rank
         self.tau1 = tau1
@@ -154,6 +158,7 @@ class SpatialAdapter:
         self.time_dim = time_dim
         self.space_dims = space_dims
         self.progress = progress
+        self.fine_neighbors = fine_neighbors
         self._state = None
 
     # ------------------------------------------------------------------ parameters
@@ -226,9 +231,21 @@ class SpatialAdapter:
             progress=self.progress,
         )
         covariance = low_rank_plus_noise(fit.basis, fit.filled, gamma=self.gamma)
+        fine = self._fit_fine_scale(data, fit, covariance, sites)
         self._state = self._build_state(stacked, site_dim, space_dims, time_dim, sites, fit, covariance,
-                                        feature_values)
+                                        feature_values, fine)
         return self
+
+    def _fit_fine_scale(self, data, fit, covariance, sites):
+        """Fit the fine-scale covariance on the remainders beyond the kept low rank."""
+        if self.fine_scale is None:
+            return None
+        loadings = covariance.loadings(fit.basis)[:, np.asarray(covariance.eigenvalues) > 0]
+        centred = fit.filled - fit.mean
+        remainders = centred - (centred @ loadings) @ loadings.T
+        remainders[np.isnan(data)] = np.nan
+        coords, geographic = sites.graph_coords()
+        return fit_fine_scale(remainders, coords, self.fine_scale, geographic=geographic, seed=self.seed)
 
     def _penalty(self, sites):
         if float(self.tau1) == 0.0:
@@ -241,7 +258,7 @@ class SpatialAdapter:
         coords, geographic = sites.graph_coords()
         return build_penalty(coords, "graph", k=self.neighbors, order=self.penalty_order, geographic=geographic)
 
-    def _build_state(self, stacked, site_dim, space_dims, time_dim, sites, fit, covariance, feature_values):
+    def _build_state(self, stacked, site_dim, space_dims, time_dim, sites, fit, covariance, feature_values, fine):
         rank = fit.basis.shape[1]
         site_coords = _site_coords(stacked, site_dim)
         units = stacked.attrs.get("units", "")
@@ -259,11 +276,20 @@ class SpatialAdapter:
                                    {"long_name": "eigenvalues of Phi^T S Phi", "units": squared}),
             "rotation": (("mode", "component"), covariance.rotation,
                          {"long_name": "rotation V of the basis to covariance eigenvectors", "units": "1"}),
-            "noise_variance": ((), float(covariance.noise_variance),
+            "noise_variance": ((), float(covariance.noise_variance if fine is None else fine.nugget),
                                {"long_name": "white-noise variance", "units": squared}),
+            "low_rank_noise_variance": ((), float(covariance.noise_variance),
+                                        {"long_name": "noise variance of the low-rank spectral rule "
+                                                      "(everything beyond the effective rank)", "units": squared}),
             "effective_rank": ((), int(covariance.effective_rank),
                                {"long_name": "number of positive eigenvalues", "units": "1"}),
         }
+        if fine is not None:
+            data_vars["fine_partial_sill"] = ((), float(fine.partial_sill),
+                                              {"long_name": "partial sill eta^2 of the fine-scale covariance",
+                                               "units": squared})
+            data_vars["fine_range"] = ((), float(fine.range_km),
+                                       {"long_name": "range ell of the fine-scale covariance", "units": "km"})
         if fit.trend_coef is not None:
             data_vars["trend_coefficients"] = (("feature",), np.asarray(fit.trend_coef),
                                                {"long_name": "residual trend coefficients"})
@@ -292,6 +318,7 @@ class SpatialAdapter:
             "n_iter": int(getattr(fit, "n_iter", 0)),
             "skipped_loop": int(bool(getattr(fit, "skipped_loop", False))),
             "n_eff": float(getattr(covariance, "n_eff", np.nan) or np.nan),
+            "fine_scale": "none" if fine is None else fine.kind,
         }
         centre = sites.centre()
         if centre is not None:
@@ -364,6 +391,15 @@ class SpatialAdapter:
         return int(self.state["effective_rank"])
 
     @property
+    def fine_scale_params(self):
+        """Fitted fine-scale covariance (:class:`~xadapter.finescale.FineScaleParams`) or None."""
+        state = self.state
+        if state.attrs.get("fine_scale", "none") == "none":
+            return None
+        return FineScaleParams(state.attrs["fine_scale"], float(state["fine_partial_sill"]),
+                               float(state["fine_range"]), float(state["noise_variance"]))
+
+    @property
     def trend_coefficients(self):
         """Residual trend coefficients ``theta``, DataArray (feature), or None."""
         return self.state.get("trend_coefficients")
@@ -401,6 +437,9 @@ class SpatialAdapter:
         loadings = self._loadings()
         matrix = (loadings * self.state["eigenvalues"].values) @ loadings.T
         matrix[np.diag_indices_from(matrix)] += self.noise_variance
+        fine = self.fine_scale_params
+        if fine is not None:
+            matrix += fine.covariance(self._fitted_sites().pairwise_km())
         site_dim = self._site_dim
         other = f"{site_dim}_"
         coords = {k: v for k, v in self.state[site_dim].coords.items()}
@@ -468,11 +507,24 @@ class SpatialAdapter:
             target_loadings = target_basis @ state["rotation"].values
             trend_target = self._trend_at(covariates, template.expand_dims({time_dim: obs_stacked[time_dim].values}),
                                           template.dims[0], time_dim)
-        result = _krige_arrays(
-            data, loadings, eigenvalues, self.noise_variance,
-            target_loadings=target_loadings, mean=mean_fit, target_mean=target_mean,
-            include_noise=include_noise, level=level, multiplier=multiplier,
-        )
+        fine = self.fine_scale_params
+        if fine is None:
+            result = _krige_arrays(
+                data, loadings, eigenvalues, self.noise_variance,
+                target_loadings=target_loadings, mean=mean_fit, target_mean=target_mean,
+                include_noise=include_noise, level=level, multiplier=multiplier,
+            )
+        else:
+            fitted = self._fitted_sites()
+            coords, geographic = fitted.graph_coords()
+            target_coords = None if at is None else targets.graph_coords()[0]
+            mean_values, variance = krige_with_fine_scale(
+                data, loadings, eigenvalues, fine, coords,
+                target_loadings=None if at is None else target_loadings, target_coords=target_coords,
+                mean=mean_fit, target_mean=target_mean, include_noise=include_noise,
+                k=self.fine_neighbors, geographic=geographic,
+            )
+            result = _interval_result(mean_values, variance, level, multiplier)
         shift = np.zeros((n_times, target_loadings.shape[0]))
         if trend_target is not None:
             shift = shift + trend_target
@@ -748,6 +800,17 @@ def _covariate_array(covariates, stacked, time_dim, site_dim, space_dims):
     else:
         raise InputError("covariates must vary along time, space or both (besides 'feature').")
     return covariates["feature"].values if "feature" in covariates.coords else np.arange(covariates.sizes["feature"]), array
+
+
+def _interval_result(mean, variance, level, multiplier):
+    from types import SimpleNamespace
+
+    from .kriging import gaussian_multiplier
+
+    q = gaussian_multiplier(level) if multiplier is None else float(multiplier)
+    spread = q * np.sqrt(np.maximum(variance, 0.0))
+    return SimpleNamespace(mean=mean, variance=variance, lower=mean - spread, upper=mean + spread,
+                           level=level, multiplier=q)
 
 
 def _multiplier(calibrate, level):
