@@ -22,7 +22,17 @@ from . import __version__
 from .admm import fit_adapter
 from .covariance import low_rank_plus_noise
 from .exceptions import InputError, NotFittedError, ProblemTooLargeError
+from functools import partial
+
 from .extend import extend_basis
+from .validation import (
+    SiteModel,
+    coverage_by_distance,
+    cross_validate_sites,
+    evenly_spaced_times,
+    site_folds,
+    variance_ratio_at,
+)
 from .finescale import FineScaleParams, fit_fine_scale, krige_with_fine_scale
 from .io import atomic_to_netcdf
 from .kriging import krige as _krige_arrays
@@ -49,8 +59,14 @@ _PARAMETER_NAMES = (
     "rank", "tau1", "tau2", "gamma", "penalty", "neighbors", "penalty_order", "fine_scale",
     "ridge", "rho", "batch_size", "phi_every", "phi_freeze", "momentum", "min_iter", "max_iter",
     "tol", "extension", "extension_neighbors", "extension_smoothing", "seed", "time_dim",
-    "space_dims", "progress", "fine_neighbors",
+    "space_dims", "progress", "fine_neighbors", "site_folds", "cv_max_times",
 )
+
+#: Largest nominal rank tried by ``rank="auto"``.
+AUTO_MAX_RANK = 20
+
+#: Multipliers of the K-th eigenvalue of ``Dc^T Dc`` tried by ``tau1="cv"`` (plus 0).
+TAU1_CV_FACTORS = (0.03, 0.1, 0.3, 1.0)
 
 
 class SpatialAdapter:
@@ -63,12 +79,17 @@ class SpatialAdapter:
 
     Parameters
     ----------
-    rank : int, default 10
+    rank : int or "auto", default 10
         Nominal number of basis functions ``K``; an upper bound on the effective rank.
-    tau1 : float, default 0.0
+        ``"auto"``: ``K = min(20, N - 1, T - 2)`` and the effective rank chosen by
+        cross-validation over sites on the kriging CRPS (never above the spectral
+        threshold's rank).
+    tau1 : float or "cv", default 0.0
         Smoothness weight (``tau1 * tr(Phi^T Omega Phi)``; the penalty is normalised
         to unit largest eigenvalue, so ``tau1`` is in units of the eigenvalues of
-        ``Dc^T Dc``, residual units squared times time steps).
+        ``Dc^T Dc``, residual units squared times time steps). ``"cv"``: chosen by
+        cross-validation over sites on the kriging CRPS among 0 and
+        :data:`TAU1_CV_FACTORS` times the K-th eigenvalue of ``Dc^T Dc``.
     tau2 : float, default 0.0
         Sparsity weight (L1 norm of the basis).
     gamma : float or None, default None
@@ -86,6 +107,12 @@ class SpatialAdapter:
         paper's pure low-rank-plus-white-noise model.
     fine_neighbors : int, default 30
         Observed neighbours per target in the local kriging of the fine-scale part.
+    site_folds : int or None, default 5
+        Folds of the cross-validation over sites that calibrates the predictive
+        variance at new sites (and scores ``rank="auto"``/``tau1="cv"``); None or 0
+        switches it off (new-site variances are then the model's alone).
+    cv_max_times : int, default 200
+        Time steps (evenly spaced) used by the cross-validation over sites.
     ridge : float
         Ridge weight of the residual trend.
     rho, batch_size, phi_every, phi_freeze, momentum, min_iter, max_iter, tol
@@ -133,6 +160,8 @@ class SpatialAdapter:
         space_dims=None,
         progress=False,
         fine_neighbors=30,
+        site_folds=5,
+        cv_max_times=200,
     ):
         self.rank = rank
         self.tau1 = tau1
@@ -159,6 +188,8 @@ class SpatialAdapter:
         self.space_dims = space_dims
         self.progress = progress
         self.fine_neighbors = fine_neighbors
+        self.site_folds = site_folds
+        self.cv_max_times = cv_max_times
         self._state = None
 
     # ------------------------------------------------------------------ parameters
@@ -167,10 +198,16 @@ class SpatialAdapter:
         return {name: getattr(self, name) for name in _PARAMETER_NAMES}
 
     def _validate_params(self):
-        if not (isinstance(self.rank, (int, np.integer)) and self.rank >= 1):
-            raise InputError(f"rank must be a positive integer, got {self.rank!r}.")
+        if not (self.rank == "auto" or (isinstance(self.rank, (int, np.integer)) and self.rank >= 1)):
+            raise InputError(f"rank must be a positive integer or 'auto', got {self.rank!r}.")
+        if self.tau1 == "cv" and not self.site_folds:
+            raise InputError("tau1='cv' needs the cross-validation over sites: set site_folds >= 2.")
+        if self.rank == "auto" and not self.site_folds:
+            raise InputError("rank='auto' needs the cross-validation over sites: set site_folds >= 2.")
         for name in ("tau1", "tau2"):
             value = getattr(self, name)
+            if name == "tau1" and value == "cv":
+                continue
             if not isinstance(value, (int, float, np.floating, np.integer)) or not np.isfinite(value) or value < 0:
                 raise InputError(f"{name} must be a finite number >= 0, got {value!r}.")
         if self.gamma is not None and not (np.isfinite(self.gamma) and self.gamma >= 0):
@@ -207,17 +244,32 @@ class SpatialAdapter:
         sites = site_coordinates(stacked, site_dim, space_dims)
         data = _to_numpy(stacked, "residuals")
         n_times, n_sites = data.shape
-        _check_data(data, stacked, site_dim, time_dim, self.rank)
+        rank = min(AUTO_MAX_RANK, n_sites - 1, n_times - 2) if self.rank == "auto" else self.rank
+        _check_data(data, stacked, site_dim, time_dim, rank)
         feature_values, covariate_array = _covariate_array(covariates, stacked, time_dim, site_dim, space_dims)
 
         omega = self._penalty(sites)
-        fit = fit_adapter(
+        fit_one = partial(self._fit_core, data, rank, omega, covariate_array)
+        selection = None
+        if self.tau1 == "cv" or self.rank == "auto":
+            fit, covariance, fine, selection = self._search(data, sites, fit_one)
+        else:
+            fit = fit_one(float(self.tau1))
+            covariance = low_rank_plus_noise(fit.basis, fit.filled, gamma=self.gamma)
+            fine = self._fit_fine_scale(data, fit, covariance, sites)
+        calibration = self._calibrate(data, fit, covariance, fine, sites)
+        self._state = self._build_state(stacked, site_dim, space_dims, time_dim, sites, fit, covariance,
+                                        feature_values, fine, selection, calibration)
+        return self
+
+    def _fit_core(self, data, rank, omega, covariates, tau1, init=None):
+        return fit_adapter(
             data,
-            self.rank,
+            rank,
             omega=omega,
-            tau1=float(self.tau1),
+            tau1=tau1,
             tau2=float(self.tau2),
-            covariates=covariate_array,
+            covariates=covariates,
             ridge=self.ridge,
             rho=self.rho,
             batch_size=self.batch_size,
@@ -228,19 +280,78 @@ class SpatialAdapter:
             max_iter=self.max_iter,
             tol_rel=self.tol,
             seed=self.seed,
+            init=init,
             progress=self.progress,
         )
-        covariance = low_rank_plus_noise(fit.basis, fit.filled, gamma=self.gamma)
-        fine = self._fit_fine_scale(data, fit, covariance, sites)
-        self._state = self._build_state(stacked, site_dim, space_dims, time_dim, sites, fit, covariance,
-                                        feature_values, fine)
-        return self
 
-    def _fit_fine_scale(self, data, fit, covariance, sites):
+    # ------------------------------------------------------------------ site CV
+    def _site_model(self, data, fit, covariance, fine, sites, eigenvalues=None):
+        coords, geographic = sites.graph_coords()
+        return SiteModel(
+            basis=fit.basis, rotation=covariance.rotation,
+            eigenvalues=covariance.eigenvalues if eigenvalues is None else eigenvalues,
+            mean=fit.mean, noise_variance=covariance.noise_variance,
+            planar=sites.planar_km(sites.centre()), graph_coords=coords, geographic=geographic,
+            fine=fine, fine_neighbors=self.fine_neighbors,
+            extension={"method": self.extension, "neighbors": self.extension_neighbors,
+                       "smoothing": self.extension_smoothing},
+        )
+
+    def _cv_inputs(self, data, fit):
+        folds = site_folds(data.shape[1], min(int(self.site_folds), data.shape[1]), seed=self.seed)
+        times = evenly_spaced_times(data.shape[0], self.cv_max_times)
+        # observed entries of the residual minus trend
+        target = np.where(np.isnan(data), np.nan, fit.filled)
+        return target, folds, times
+
+    def _search(self, data, sites, fit_one):
+        """Choose tau1 and/or the effective rank by cross-validation over sites (CRPS)."""
+        base = fit_one(0.0)
+        if self.tau1 == "cv":
+            centred = base.filled - base.mean
+            gram_eigs = np.linalg.svd(centred, compute_uv=False) ** 2
+            k_th = gram_eigs[min(base.basis.shape[1], len(gram_eigs)) - 1]
+            tau1_grid = [0.0] + [float(f * k_th) for f in TAU1_CV_FACTORS]
+        else:
+            tau1_grid = [float(self.tau1)]
+        records = []
+        best = None
+        for tau1 in tau1_grid:
+            fit = base if tau1 == 0.0 else fit_one(tau1, init=base.basis)
+            covariance = low_rank_plus_noise(fit.basis, fit.filled, gamma=self.gamma)
+            target, folds, times = self._cv_inputs(data, fit)
+            ranks = [covariance.effective_rank]
+            if self.rank == "auto":
+                ranks = list(range(0, covariance.effective_rank + 1))
+            for rank in ranks:
+                eigenvalues = np.where(np.arange(len(covariance.eigenvalues)) < rank, covariance.eigenvalues, 0.0)
+                fine = self._fit_fine_scale(data, fit, covariance, sites, eigenvalues)
+                model = self._site_model(data, fit, covariance, fine, sites, eigenvalues)
+                cv = cross_validate_sites(model, target, folds, times=times)
+                records.append((tau1, rank, cv.crps, cv.rmse, cv.coverage))
+                if best is None or cv.crps < best[0]:
+                    best = (cv.crps, fit, covariance, eigenvalues, fine)
+        _, fit, covariance, eigenvalues, fine = best
+        covariance = _with_eigenvalues(covariance, eigenvalues)
+        selection = np.array(records, dtype=float)
+        return fit, covariance, fine, selection
+
+    def _calibrate(self, data, fit, covariance, fine, sites):
+        """Site cross-validation of the final model: variance ratios and coverage by distance."""
+        if not self.site_folds or data.shape[1] < 2 * int(self.site_folds):
+            return None
+        target, folds, times = self._cv_inputs(data, fit)
+        model = self._site_model(data, fit, covariance, fine, sites)
+        cv = cross_validate_sites(model, target, folds, times=times)
+        ratios = variance_ratio_at(model.planar, model.planar, cv.squared_error, cv.model_variance, cv.count)
+        return cv, coverage_by_distance(cv, ratios)
+
+    def _fit_fine_scale(self, data, fit, covariance, sites, eigenvalues=None):
         """Fit the fine-scale covariance on the remainders beyond the kept low rank."""
         if self.fine_scale is None:
             return None
-        loadings = covariance.loadings(fit.basis)[:, np.asarray(covariance.eigenvalues) > 0]
+        eigenvalues = covariance.eigenvalues if eigenvalues is None else eigenvalues
+        loadings = covariance.loadings(fit.basis)[:, np.asarray(eigenvalues) > 0]
         centred = fit.filled - fit.mean
         remainders = centred - (centred @ loadings) @ loadings.T
         remainders[np.isnan(data)] = np.nan
@@ -258,7 +369,8 @@ class SpatialAdapter:
         coords, geographic = sites.graph_coords()
         return build_penalty(coords, "graph", k=self.neighbors, order=self.penalty_order, geographic=geographic)
 
-    def _build_state(self, stacked, site_dim, space_dims, time_dim, sites, fit, covariance, feature_values, fine):
+    def _build_state(self, stacked, site_dim, space_dims, time_dim, sites, fit, covariance, feature_values, fine,
+                     selection=None, calibration=None):
         rank = fit.basis.shape[1]
         site_coords = _site_coords(stacked, site_dim)
         units = stacked.attrs.get("units", "")
@@ -295,6 +407,26 @@ class SpatialAdapter:
                                                {"long_name": "residual trend coefficients"})
         for key, values in history.items():
             data_vars[f"history_{key}"] = (("iteration",), values.astype(np.float64))
+        if selection is not None:
+            for column, (name, long_name, var_units) in enumerate((
+                    ("tau1", "smoothness weight tried", ""), ("rank", "effective rank tried", "1"),
+                    ("crps", "site cross-validated CRPS", units), ("rmse", "site cross-validated RMSE", units),
+                    ("coverage", "site cross-validated coverage of 90 % intervals", "1"))):
+                data_vars[f"selection_{name}"] = (("candidate",), selection[:, column],
+                                                  {"long_name": long_name, "units": var_units})
+        if calibration is not None:
+            cv, by_distance = calibration
+            data_vars["cv_squared_error"] = ((site_dim,), cv.squared_error, {
+                "long_name": "sum over times of squared site-cross-validated kriging error", "units": squared})
+            data_vars["cv_model_variance"] = ((site_dim,), cv.model_variance, {
+                "long_name": "sum over the same times of the model predictive variance", "units": squared})
+            data_vars["cv_count"] = ((site_dim,), cv.count.astype(np.int64), {"long_name": "times summed"})
+            data_vars["cv_distance"] = ((site_dim,), cv.distance_km, {
+                "long_name": "distance to the nearest site kept in the cross-validation fold", "units": "km"})
+            for key in ("coverage_model", "coverage_calibrated", "count"):
+                data_vars[f"calibration_{key}"] = (("distance_bin",), by_distance[key])
+            data_vars["calibration_distance"] = (("distance_bin",), by_distance["distance_km"], {
+                "long_name": "upper edge of the distance bin", "units": "km"})
         coords = dict(site_coords)
         coords[time_dim] = stacked[time_dim].values
         coords["mode"] = np.arange(rank)
@@ -323,6 +455,10 @@ class SpatialAdapter:
         centre = sites.centre()
         if centre is not None:
             attrs["projection_centre"] = json.dumps(list(centre))
+        if calibration is not None:
+            attrs["cv_crps"] = float(calibration[0].crps)
+            attrs["cv_rmse"] = float(calibration[0].rmse)
+            attrs["cv_coverage"] = float(calibration[0].coverage)
         return xr.Dataset(data_vars, coords=coords, attrs=attrs)
 
     # ------------------------------------------------------------------ fitted state
@@ -389,6 +525,28 @@ class SpatialAdapter:
     def effective_rank(self):
         """Number of positive eigenvalues (<= rank)."""
         return int(self.state["effective_rank"])
+
+    @property
+    def selection(self):
+        """Results of the ``rank="auto"`` / ``tau1="cv"`` search, Dataset over ``candidate``, or None."""
+        names = [n for n in self.state.data_vars if n.startswith("selection_")]
+        if not names:
+            return None
+        return self.state[names].rename({n: n[len("selection_"):] for n in names})
+
+    @property
+    def calibration(self):
+        """Coverage of 90 % intervals at held-out sites by distance, Dataset over ``distance_bin``.
+
+        ``coverage_model`` uses the model variance alone; ``coverage_calibrated`` the
+        variance scaled by the cross-validated ratios applied at new sites (in-sample
+        for those ratios). None when the site cross-validation was switched off.
+        """
+        names = [n for n in self.state.data_vars if n.startswith("calibration_")]
+        if not names:
+            return None
+        ds = self.state[names].rename({n: n[len("calibration_"):] for n in names})
+        return ds.set_coords("distance")
 
     @property
     def fine_scale_params(self):
@@ -525,6 +683,13 @@ class SpatialAdapter:
                 k=self.fine_neighbors, geographic=geographic,
             )
             result = _interval_result(mean_values, variance, level, multiplier)
+        if at is not None and "cv_squared_error" in state:
+            ratio = variance_ratio_at(
+                targets.planar_km(self._fitted_sites().centre()) if targets.geographic else targets.xy_km,
+                self._fitted_sites().planar_km(self._fitted_sites().centre()),
+                state["cv_squared_error"].values, state["cv_model_variance"].values, state["cv_count"].values)
+            result = _interval_result(result.mean, result.variance * ratio[None, :], level,
+                                      multiplier if multiplier is not None else None)
         shift = np.zeros((n_times, target_loadings.shape[0]))
         if trend_target is not None:
             shift = shift + trend_target
@@ -682,6 +847,13 @@ class SpatialAdapter:
             f"  noise variance: {self.noise_variance:.4g} {units}".rstrip(),
             f"  ADMM: {status}",
         ]
+        fine = self.fine_scale_params
+        if fine is not None:
+            lines.insert(4, f"  fine scale: {fine.kind}, partial sill {fine.partial_sill:.4g} {units}, "
+                            f"range {fine.range_km:.4g} km")
+        if "cv_crps" in state.attrs:
+            lines.append(f"  site CV: CRPS {state.attrs['cv_crps']:.4g}, RMSE {state.attrs['cv_rmse']:.4g}, "
+                         f"90 % coverage {state.attrs['cv_coverage']:.3f}")
         return "\n".join(lines)
 
 
@@ -800,6 +972,13 @@ def _covariate_array(covariates, stacked, time_dim, site_dim, space_dims):
     else:
         raise InputError("covariates must vary along time, space or both (besides 'feature').")
     return covariates["feature"].values if "feature" in covariates.coords else np.arange(covariates.sizes["feature"]), array
+
+
+def _with_eigenvalues(covariance, eigenvalues):
+    import dataclasses
+
+    eigenvalues = np.asarray(eigenvalues, dtype=np.float64)
+    return dataclasses.replace(covariance, eigenvalues=eigenvalues, effective_rank=int((eigenvalues > 0).sum()))
 
 
 def _interval_result(mean, variance, level, multiplier):
