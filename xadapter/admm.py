@@ -86,6 +86,7 @@ version can drive the same loop chunk by chunk.
 from __future__ import annotations
 
 import sys
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -110,8 +111,8 @@ class AdapterFit:
         Orthonormal spatial basis ``Phi`` (columns ordered by decreasing explained
         variance, largest-magnitude entry positive).
     scores : ndarray, shape (T, K)
-        ``a_t = Phi^T (z_t - mean)``: scores of the time-centred ``filled`` field, in
-        residual units.
+        ``a_t = Phi^T (w_t - mean)`` with ``w_t`` the rows of ``filled``: scores of the
+        time-centred field, in residual units (``filled ~ mean + scores @ basis.T``).
     mean : ndarray, shape (N,)
         Per-site time mean of ``filled`` (training residual minus trend).
     filled : ndarray, shape (T, N)
@@ -240,7 +241,7 @@ def _windows(n_times, batch_size):
 def _progress_reporter(progress):
     if callable(progress):
         return progress
-    if progress is None or progress is False:
+    if not progress:
         return None
     every = PROGRESS_EVERY if progress is True else _positive_int("progress", progress)
 
@@ -264,7 +265,7 @@ class _Driver:
     last full evaluation (for the EM fill).
     """
 
-    def __init__(self, data, observed, covariates, ridge, settings):
+    def __init__(self, data, observed, covariates, ridge, settings, init):
         self.settings = settings
         self.observed = observed
         self.n_times, self.n_sites = data.shape
@@ -289,7 +290,7 @@ class _Driver:
         self.last_increment = np.zeros_like(self.z) if settings.momentum > 0 else None
         self.col_sum = self.z.sum(axis=0)
         self.w_mean = self.col_sum / self.n_times
-        self.basis = settings.solve(self.z)
+        self.basis = settings.solve(self.z, init=init)
 
     # -- pieces of one iteration
     def trend_rows(self, rows):
@@ -372,7 +373,7 @@ def _tolerance(settings, scale, size, data_norm):
 
 def fit_adapter(data, rank, *, omega=None, tau1=0.0, tau2=0.0, covariates=None, ridge=1e-6, rho=1.0,
                 batch_size=None, phi_every=1, phi_freeze=None, momentum=0.0, min_iter=5, max_iter=200,
-                tol_abs=1e-6, tol_rel=1e-4, seed=0, method="auto", progress=False):
+                tol_abs=1e-6, tol_rel=1e-4, seed=0, method="auto", init=None, progress=False):
     """Fit the spatial adapter: basis, scores, per-site mean and residual trend.
 
     Runs the three-block ADMM described in the module docstring.
@@ -414,6 +415,9 @@ def fit_adapter(data, rank, *, omega=None, tau1=0.0, tau2=0.0, covariates=None, 
         Seed of the order in which windows are visited (shuffled each sweep).
     method : {"auto", "dense", "matrix-free"}
         Eigensolver of the Phi-step.
+    init : array_like, shape (N, K), optional
+        Warm start of the first Phi-step (e.g. the basis at a neighbouring ``tau1``);
+        see :func:`xadapter.basis.solve_basis`.
     progress : bool, int or callable
         False (default): silent. True: a line on stderr every
         :data:`PROGRESS_EVERY` iterations; an int ``n``: every ``n``; a callable:
@@ -431,6 +435,12 @@ def fit_adapter(data, rank, *, omega=None, tau1=0.0, tau2=0.0, covariates=None, 
     InputError
         Bad shapes or settings, infinite values, a site with no observation (named by
         its column index), invalid covariates.
+
+    Warns
+    -----
+    RuntimeWarning
+        The stopping rule was not met within ``max_iter`` iterations (the result is
+        the last iterate; ``converged`` is False).
     """
     data, observed = _check_data(data)
     n_times, n_sites = data.shape
@@ -453,9 +463,9 @@ def fit_adapter(data, rank, *, omega=None, tau1=0.0, tau2=0.0, covariates=None, 
         covariates = as_covariates(covariates, n_times, n_sites)
 
     if covariates is None and observed is None:
-        return _exact_fit(data, settings)
+        return _exact_fit(data, settings, init)
 
-    driver = _Driver(data, observed, covariates, ridge, settings)
+    driver = _Driver(data, observed, covariates, ridge, settings, init)
     windows = _windows(n_times, batch_size)
     rng = np.random.default_rng(seed)
     sweep = max(len(windows), settings.phi_every)
@@ -487,6 +497,10 @@ def fit_adapter(data, rank, *, omega=None, tau1=0.0, tau2=0.0, covariates=None, 
             converged = True
             break
 
+    if not converged:
+        warnings.warn(f"the ADMM did not meet its stopping rule in max_iter = {settings.max_iter} iterations; "
+                      "raise max_iter or loosen tol_rel/tol_abs (see AdapterFit.history).", RuntimeWarning,
+                      stacklevel=2)
     frozen = settings.phi_freeze is not None and iteration > settings.phi_freeze
     filled, basis = driver.finish(refresh_basis=not frozen)
     mean = filled.mean(axis=0)
@@ -505,9 +519,9 @@ def fit_adapter(data, rank, *, omega=None, tau1=0.0, tau2=0.0, covariates=None, 
     )
 
 
-def _exact_fit(data, settings):
+def _exact_fit(data, settings, init):
     """No trend, no missing entry: ``Z = R`` and one exact Phi-step."""
-    basis = settings.solve(data)
+    basis = settings.solve(data, init=init)
     mean = data.mean(axis=0)
     centred = data - mean
     scores = centred @ basis
