@@ -359,7 +359,7 @@ class SpatialAdapter:
         return fit_fine_scale(remainders, coords, self.fine_scale, geographic=geographic, seed=self.seed)
 
     def _penalty(self, sites):
-        if float(self.tau1) == 0.0:
+        if self.tau1 != "cv" and float(self.tau1) == 0.0:
             return None
         kind = self.penalty
         if kind == "auto":
@@ -971,6 +971,11 @@ def _covariate_array(covariates, stacked, time_dim, site_dim, space_dims):
         array = np.asarray(covariates.transpose(time_dim, "feature").values, dtype=np.float64)
     else:
         raise InputError("covariates must vary along time, space or both (besides 'feature').")
+    n_times, n_sites = stacked.sizes[time_dim], stacked.sizes[site_dim]
+    if array.ndim == 2 and n_times == n_sites:
+        # (T, p) and (N, p) cannot be told apart by shape when T == N: broadcast explicitly
+        array = np.broadcast_to(array[:, None, :] if has_time else array[None, :, :],
+                                (n_times, n_sites, array.shape[-1])).copy()
     return covariates["feature"].values if "feature" in covariates.coords else np.arange(covariates.sizes["feature"]), array
 
 
