@@ -26,7 +26,7 @@ def station_field():
 
 def test_grid_input_matches_numerical_core_and_dim_order(grid_field):
     resid = grid_field["residual"]
-    adapter = SpatialAdapter(rank=5).fit(resid)
+    adapter = SpatialAdapter(rank=5, fine_scale=None).fit(resid)
     # the numerical core on the equivalent (time, lat*lon) array, lat varying slowest
     data = resid.transpose("time", "lat", "lon").values.reshape(resid.sizes["time"], -1)
     core = fit_adapter(data, 5)
@@ -38,7 +38,7 @@ def test_grid_input_matches_numerical_core_and_dim_order(grid_field):
     assert adapter.noise_variance == pytest.approx(cov.noise_variance, rel=1e-12)
     assert adapter.effective_rank == cov.effective_rank
     # transposed input dims give the same numbers
-    transposed = SpatialAdapter(rank=5).fit(resid.transpose("lon", "time", "lat"))
+    transposed = SpatialAdapter(rank=5, fine_scale=None).fit(resid.transpose("lon", "time", "lat"))
     xr.testing.assert_allclose(transposed.basis.transpose("lat", "lon", "mode"), adapter.basis.transpose("lat", "lon", "mode"))
     assert transposed.noise_variance == pytest.approx(adapter.noise_variance, rel=1e-12)
     assert adapter.basis.dims[-1] == "mode" and set(adapter.basis.dims) == {"lat", "lon", "mode"}
@@ -231,7 +231,7 @@ def test_krige_validation(small):
 
 
 def test_covariance_small_n_matches_low_rank_form(station_field):
-    adapter = SpatialAdapter(rank=5).fit(station_field["residual"])
+    adapter = SpatialAdapter(rank=5, fine_scale=None).fit(station_field["residual"])
     cov = adapter.covariance()
     loadings = adapter.basis.values @ adapter.state["rotation"].values
     dense = loadings @ np.diag(adapter.eigenvalues.values) @ loadings.T + adapter.noise_variance * np.eye(80)

@@ -98,7 +98,7 @@ def main(argv=None):
     demo = sub.add_parser("demo", help="fit and krige the bundled real ozone data")
     demo.add_argument("--rank", type=int, default=10)
     demo.add_argument("--tau1", type=float, default=0.0)
-    demo.add_argument("--fine-scale", default="none", choices=["none", "exponential", "matern32"])
+    demo.add_argument("--fine-scale", default="exponential", choices=["none", "exponential", "matern32"])
     demo.add_argument("--holdout", type=float, default=0.2, help="fraction of cells held out")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--output", default="xadapter-demo", help="folder for the NetCDF outputs")

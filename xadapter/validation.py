@@ -83,7 +83,14 @@ def site_folds(n_sites, n_folds=5, seed=0):
     return [np.sort(fold) for fold in np.array_split(order, n_folds)]
 
 
-def krige_held_out(model, data, kept, held, include_noise=True):
+def extend_to_held_out(model, kept, held):
+    """Basis and mean at ``held`` re-extended from ``kept``: ``(basis (H, K), mean (H,))``."""
+    values = np.column_stack([model.basis[kept], model.mean[kept]])
+    extended = extend_basis(model.planar[held], model.planar[kept], values, **(model.extension or {}))
+    return extended[:, :-1], extended[:, -1]
+
+
+def krige_held_out(model, data, kept, held, include_noise=True, extended=None):
     """Krige sites ``held`` from sites ``kept`` as if ``held`` were never fitted.
 
     The basis and the mean at ``held`` are re-extended from ``kept``.
@@ -94,16 +101,17 @@ def krige_held_out(model, data, kept, held, include_noise=True):
     data : ndarray (T, N)
         Centred nowhere: raw residuals (minus trend), NaN where unobserved.
     kept, held : ndarray of int
+    extended : (ndarray, ndarray), optional
+        Output of :func:`extend_to_held_out` for this split (it depends only on the
+        basis, the mean and the sites, so candidates that differ in eigenvalues or
+        fine scale share it).
 
     Returns
     -------
     mean, variance : ndarray (T, len(held))
     """
-    values = np.column_stack([model.basis[kept], model.mean[kept]])
-    extension = model.extension or {}
-    extended = extend_basis(model.planar[held], model.planar[kept], values, **extension)
-    target_loadings = extended[:, :-1] @ model.rotation
-    target_mean = extended[:, -1]
+    target_basis, target_mean = extend_to_held_out(model, kept, held) if extended is None else extended
+    target_loadings = target_basis @ model.rotation
     loadings = model.basis[kept] @ model.rotation
     observed = data[:, kept]
     if model.fine is None:
@@ -149,7 +157,7 @@ class SiteCV:
     z_scores: np.ndarray
 
 
-def cross_validate_sites(model, data, folds, *, level=0.9, times=None):
+def cross_validate_sites(model, data, folds, *, level=0.9, times=None, extensions=None):
     """Hold each fold of sites out, krige it from the others, and score.
 
     Parameters
@@ -161,6 +169,8 @@ def cross_validate_sites(model, data, folds, *, level=0.9, times=None):
         From :func:`site_folds`.
     times : ndarray of int, optional
         Subset of time indices to use (bounds the cost on long records).
+    extensions : list, optional
+        Per-fold output of :func:`extend_to_held_out`, reused across candidates.
 
     Returns
     -------
@@ -174,9 +184,10 @@ def cross_validate_sites(model, data, folds, *, level=0.9, times=None):
     variance = np.full((n_times, n_sites), np.nan)
     distance = np.zeros(n_sites)
     everything = np.arange(n_sites)
-    for held in folds:
+    for index, held in enumerate(folds):
         kept = np.setdiff1d(everything, held)
-        prediction[:, held], variance[:, held] = krige_held_out(model, data, kept, held)
+        extended = None if extensions is None else extensions[index]
+        prediction[:, held], variance[:, held] = krige_held_out(model, data, kept, held, extended=extended)
         distance[held], _ = cKDTree(model.planar[kept]).query(model.planar[held])
     valid = np.isfinite(data)
     error = np.where(valid, data - prediction, np.nan)
