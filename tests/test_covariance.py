@@ -323,7 +323,7 @@ def test_rank_not_below_number_of_sites_is_refused(small_problem):
 @pytest.mark.parametrize("gamma", [-0.1, np.nan, "large"])
 def test_bad_gamma_is_named(small_problem, gamma):
     basis, data = small_problem
-    with pytest.raises(InputError, match="gamma must be None or a non-negative number"):
+    with pytest.raises(InputError, match="gamma .None or a number. must be"):
         low_rank_plus_noise(basis, data, gamma=gamma)
 
 

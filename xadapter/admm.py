@@ -92,6 +92,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .basis import solve_basis, subspace_distance
+from .checks import nonnegative as _nonnegative
 from .exceptions import InputError
 from .trend import RidgeTrend, as_covariates
 
@@ -182,19 +183,6 @@ def _positive_int(name, value, minimum=1, allow_none=False):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise InputError(f"{name} must be an integer >= {minimum}, got {value!r}.")
     return int(value)
-
-
-def _nonnegative(name, value, strict=False, below=None):
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise InputError(f"{name} must be a number, got {value!r}.") from None
-    if not np.isfinite(value) or value < 0 or (strict and value == 0) or (below is not None and value >= below):
-        bound = "> 0" if strict else ">= 0"
-        if below is not None:
-            bound += f" and < {below}"
-        raise InputError(f"{name} must be finite and {bound}, got {value}.")
-    return value
 
 
 @dataclass

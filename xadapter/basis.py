@@ -48,6 +48,7 @@ import scipy.linalg as sla
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
+from .checks import nonnegative
 from .exceptions import InputError, ProblemTooLargeError
 
 #: ``method="auto"`` with an active penalty uses the dense eigensolver up to this many
@@ -261,16 +262,6 @@ def _check_data(data):
         raise InputError("data contain NaN or infinite values; fill or drop missing values first "
                          "(the ADMM driver fills them from the reconstruction).")
     return data
-
-
-def _check_nonnegative(name, value):
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise InputError(f"{name} must be a number, got {value!r}.") from None
-    if not np.isfinite(value) or value < 0:
-        raise InputError(f"{name} must be finite and non-negative, got {value}.")
-    return value
 
 
 def _check_rank(rank, n_sites):
@@ -706,17 +697,17 @@ def solve_basis(data, rank, *, omega=None, tau1=0.0, tau2=0.0, init=None, center
     if n_times < 2 and center:
         raise InputError(f"centring over time needs at least 2 time steps, got {n_times}.")
     rank = _check_rank(rank, n_sites)
-    tau1 = _check_nonnegative("tau1", tau1)
-    tau2 = _check_nonnegative("tau2", tau2)
+    tau1 = nonnegative("tau1", tau1)
+    tau2 = nonnegative("tau2", tau2)
     omega = _check_omega(omega, n_sites, tau1)
     init = _check_init(init, n_sites, rank)
     if method not in METHODS:
         raise InputError(f"unknown method {method!r}; choose one of {METHODS}.")
     if tol is not None:
-        tol = _check_nonnegative("tol", tol)
+        tol = nonnegative("tol", tol)
     if max_iter is not None and (isinstance(max_iter, bool) or int(max_iter) != max_iter or max_iter < 1):
         raise InputError(f"max_iter must be a positive integer, got {max_iter!r}.")
-    if rho is not None and not _check_nonnegative("rho", rho) > 0:
+    if rho is not None and not nonnegative("rho", rho) > 0:
         raise InputError(f"rho must be positive, got {rho}.")
 
     ops = _CentredData(data, center)

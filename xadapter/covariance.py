@@ -79,6 +79,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .checks import nonnegative
 from .exceptions import InputError, ProblemTooLargeError
 
 #: Default number of Tracy-Widom scale units added to the Johnstone centring.
@@ -555,13 +556,7 @@ def _check_data(data, n_sites):
 def _check_gamma(gamma):
     if gamma is None:
         return None
-    try:
-        gamma = float(gamma)
-    except (TypeError, ValueError):
-        raise InputError(f"gamma must be None or a non-negative number, got {gamma!r}.") from None
-    if not np.isfinite(gamma) or gamma < 0:
-        raise InputError(f"gamma must be None or a non-negative number, got {gamma!r}.")
-    return gamma
+    return nonnegative("gamma (None or a number)", gamma)
 
 
 def _check_n_eff(n_eff, n_times):

@@ -38,6 +38,7 @@ from scipy.interpolate import RBFInterpolator
 from scipy.spatial import cKDTree
 from scipy.spatial.distance import cdist
 
+from .checks import nonnegative
 from .exceptions import CoordinateError, InputError, ProblemTooLargeError
 from .geometry import check_duplicate_sites
 from .penalty import thin_plate_kernel
@@ -157,10 +158,7 @@ def _scaled(new_coords, coords, spacing):
 
 
 def _check_smoothing(smoothing):
-    smoothing = float(smoothing)
-    if not (smoothing >= 0 and np.isfinite(smoothing)):
-        raise InputError(f"smoothing must be a finite number >= 0, got {smoothing}.")
-    return smoothing
+    return nonnegative("smoothing", smoothing)
 
 
 def thin_plate_extend(new_coords, coords, values, *, smoothing=0.0, spacing=None,

@@ -76,8 +76,10 @@ import scipy.sparse as sp
 from scipy.optimize import least_squares
 from scipy.spatial import cKDTree
 
+from .checks import nonnegative
 from .exceptions import InputError, ProblemTooLargeError
 from .geometry import chord_to_great_circle_km, sphere_xyz, validate_latlon
+from .kriging import check_low_rank
 
 #: Correlation families understood by :class:`FineScaleParams`.
 KINDS = ("exponential", "matern32")
@@ -142,14 +144,7 @@ class FineScaleParams:
     def __post_init__(self):
         _check_kind(self.kind)
         for name in ("partial_sill", "range_km", "nugget"):
-            value = getattr(self, name)
-            try:
-                value = float(value)
-            except (TypeError, ValueError):
-                raise InputError(f"{name} must be a number, got {value!r}.") from None
-            if not np.isfinite(value) or value < 0:
-                raise InputError(f"{name} must be finite and >= 0, got {value}.")
-            object.__setattr__(self, name, value)
+            object.__setattr__(self, name, nonnegative(name, getattr(self, name)))
         if self.range_km <= 0:
             raise InputError(f"range_km must be positive (km), got {self.range_km}.")
 
@@ -710,25 +705,8 @@ def local_simple_krige(values, coords, target_coords, params, *, k=20, geographi
 
 def _validate_model(data, loadings, eigenvalues, coords, target_loadings, target_coords, mean,
                     target_mean, geographic):
-    data = _as_data(data, "data")
-    loadings = np.asarray(loadings, dtype=np.float64)
-    if loadings.ndim != 2:
-        raise InputError(f"loadings must be a 2-D array (N, K), got shape {loadings.shape}.")
+    data, loadings, eigenvalues = check_low_rank(_as_data(data, "data"), loadings, eigenvalues)
     n_sites, rank = loadings.shape
-    if data.shape[1] != n_sites:
-        raise InputError(
-            f"data has {data.shape[1]} sites (columns) but loadings has {n_sites} rows; data must be "
-            "(T, N) with columns in the order of the loadings rows."
-        )
-    if not np.isfinite(loadings).all():
-        raise InputError("loadings contain NaN or infinite values.")
-    eigenvalues = np.asarray(eigenvalues, dtype=np.float64)
-    if eigenvalues.shape != (rank,):
-        raise InputError(
-            f"eigenvalues must have shape ({rank},), one per loadings column; got {eigenvalues.shape}."
-        )
-    if not np.isfinite(eigenvalues).all() or (eigenvalues < 0).any():
-        raise InputError("eigenvalues must be finite and >= 0 (variances).")
     points = _points(coords, "coords", geographic, n_expected=n_sites)
     if (target_loadings is None) != (target_coords is None):
         raise InputError("give both target_loadings and target_coords for new targets, or neither.")

@@ -106,7 +106,13 @@ def _check_level(level):
     return level
 
 
-def _validate(data, loadings, eigenvalues, noise_variance, target_loadings, mean, target_mean):
+def check_low_rank(data, loadings, eigenvalues):
+    """Validate kriging inputs shared by the low-rank and fine-scale kriging.
+
+    Returns
+    -------
+    data (T, N), loadings (N, K), eigenvalues (K,) as float64 arrays.
+    """
     data = _as_matrix(data, "data", "(T, N): times by fitted sites")
     loadings = _as_matrix(loadings, "loadings", "(N, K): one row per fitted site")
     n_sites, rank = loadings.shape
@@ -126,6 +132,12 @@ def _validate(data, loadings, eigenvalues, noise_variance, target_loadings, mean
         )
     if not np.isfinite(eigenvalues).all() or (eigenvalues < 0).any():
         raise InputError(f"eigenvalues must be finite and >= 0 (variances); got {eigenvalues}.")
+    return data, loadings, eigenvalues
+
+
+def _validate(data, loadings, eigenvalues, noise_variance, target_loadings, mean, target_mean):
+    data, loadings, eigenvalues = check_low_rank(data, loadings, eigenvalues)
+    n_sites, rank = loadings.shape
     noise_variance = float(noise_variance)
     if not (np.isfinite(noise_variance) and noise_variance > 0):
         raise InputError(

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.linalg as sla
 
+from .checks import nonnegative
 from .exceptions import InputError
 
 LAYOUTS = ("time-space", "time", "space")
@@ -267,13 +268,7 @@ def _check_target(target, covariates, mask):
 
 
 def _check_ridge(ridge):
-    try:
-        ridge = float(ridge)
-    except (TypeError, ValueError):
-        raise InputError(f"ridge must be a number, got {ridge!r}.") from None
-    if not np.isfinite(ridge) or ridge < 0:
-        raise InputError(f"ridge must be finite and >= 0, got {ridge}.")
-    return ridge
+    return nonnegative("ridge", ridge)
 
 
 def fit_trend(target, covariates, ridge=1e-6, mask=None, layout=None):

@@ -142,9 +142,10 @@ class SiteCV:
     crps, rmse, coverage : float
         Pooled scores (coverage of the Gaussian ``level`` intervals).
     distance_km : ndarray (N,)
-        Distance of each site to the nearest site kept in its fold.
-    covered : ndarray (T', N)
-        Whether each held-out value fell in its interval (NaN where unobserved).
+        Distance of each site to the nearest site kept in its fold, km (planar).
+    z_scores : ndarray (T', N)
+        Standardised errors ``(truth - mean) / sqrt(variance)`` of the held-out values
+        (NaN where unobserved).
     """
 
     squared_error: np.ndarray
@@ -248,6 +249,9 @@ def coverage_by_distance(cv, ratios=None, *, level=0.9, n_bins=4):
     """
     q = norm.ppf(0.5 + level / 2)
     edges = np.unique(np.quantile(cv.distance_km, np.linspace(0, 1, n_bins + 1)))
+    if edges.size == 1:
+        # every site equally far from its fold (e.g. a regular grid): one bin, not none
+        edges = np.repeat(edges, 2)
     bins = np.clip(np.searchsorted(edges, cv.distance_km, side="right") - 1, 0, len(edges) - 2)
     z = cv.z_scores
     valid = np.isfinite(z)
