@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-from scipy.spatial import cKDTree
 from scipy.stats import norm
 
 from xadapter import validation as val
@@ -273,6 +272,23 @@ def test_site_model_cross_validation_is_calibrated_when_the_model_is_true():
     scores = rng.standard_normal((n_times, 3)) * np.sqrt([20.0, 5.0, 1.0])
     data = scores @ basis.T + np.sqrt(0.5) * rng.standard_normal((n_times, n_sites))
     cv = val.cross_validate_sites(model, data, val.site_folds(n_sites, 5))
-    assert cv.coverage == pytest.approx(0.9, abs=0.015)
+    # measured over seeds 11-14: coverage 0.898-0.902, ratio 0.998-1.010
+    assert cv.coverage == pytest.approx(0.9, abs=0.01)
     ratio = cv.squared_error.sum() / cv.model_variance.sum()
-    assert ratio == pytest.approx(1.0, abs=0.05)
+    assert ratio == pytest.approx(1.0, abs=0.03)
+
+
+def test_precomputed_fold_extensions_give_the_same_cross_validation():
+    fine = FineScaleParams("exponential", partial_sill=0.5, range_km=100.0, nugget=0.4)
+    model, data = linear_model(fine=fine, smoothing=0.3, seed=4)
+    folds = val.site_folds(data.shape[1], 5, seed=2)
+    everything = np.arange(data.shape[1])
+    extensions = [val.extend_to_held_out(model, np.setdiff1d(everything, held), held) for held in folds]
+    for (basis, mean), held in zip(extensions, folds):  # linear truth: the extension is exact
+        np.testing.assert_allclose(basis, model.basis[held], atol=1e-9)
+        np.testing.assert_allclose(mean, model.mean[held], atol=1e-9)
+    direct = val.cross_validate_sites(model, data, folds)
+    reused = val.cross_validate_sites(model, data, folds, extensions=extensions)
+    np.testing.assert_array_equal(reused.squared_error, direct.squared_error)
+    np.testing.assert_array_equal(reused.z_scores, direct.z_scores)
+    assert reused.crps == direct.crps

@@ -63,6 +63,9 @@ _PARAMETER_NAMES = (
     "space_dims", "progress", "fine_neighbors", "site_folds", "cv_max_times",
 )
 
+#: The fine scale is refitted on lags up to this many first-pass ranges.
+FINE_FIT_RANGES = 5.0
+
 #: Largest nominal rank tried by ``rank="auto"``.
 AUTO_MAX_RANK = 20
 
@@ -364,7 +367,16 @@ class SpatialAdapter:
         remainders = centred - (centred @ loadings) @ loadings.T
         remainders[np.isnan(data)] = np.nan
         coords, geographic = sites.graph_coords()
-        return fit_fine_scale(remainders, coords, self.fine_scale, geographic=geographic, seed=self.seed)
+        first = fit_fine_scale(remainders, coords, self.fine_scale, geographic=geographic, seed=self.seed)
+        if first.partial_sill <= 0.05 * first.sill:
+            return first  # spatially white remainders: the range is not identified
+        # the kept low rank takes the long-wave part of the fine-scale field and lowers the
+        # remainders' plateau; fitting lags up to a few ranges keeps that out of ell and tau^2
+        try:
+            return fit_fine_scale(remainders, coords, self.fine_scale, geographic=geographic,
+                                  seed=self.seed, max_distance=FINE_FIT_RANGES * first.range_km)
+        except InputError:
+            return first
 
     def _penalty(self, sites):
         if self.tau1 != "cv" and float(self.tau1) == 0.0:
