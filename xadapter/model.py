@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import sys
 import warnings
 
 import numpy as np
@@ -138,7 +139,8 @@ class SpatialAdapter:
     space_dims : str or tuple of str, optional
         Space dims (default: every dim but time).
     progress : bool
-        Report progress of long fits.
+        Report progress of long fits (ADMM iterations, cross-validation) on stderr;
+        silent by default.
     """
 
     def __init__(
@@ -293,6 +295,10 @@ class SpatialAdapter:
         )
 
     # ------------------------------------------------------------------ site CV
+    def _report(self, message):
+        if self.progress:
+            print(f"xadapter: {message}", file=sys.stderr, flush=True)
+
     def _site_model(self, data, fit, covariance, fine, sites, eigenvalues=None):
         coords, geographic = sites.graph_coords()
         return SiteModel(
@@ -335,6 +341,8 @@ class SpatialAdapter:
             if self.rank == "auto":
                 ranks = list(range(0, covariance.effective_rank + 1))
             for rank in ranks:
+                self._report(f"site cross-validation: tau1={tau1:.4g}, rank {rank} "
+                             f"({len(records) + 1}/{len(tau1_grid) * len(ranks)})")
                 eigenvalues = np.where(np.arange(len(covariance.eigenvalues)) < rank, covariance.eigenvalues, 0.0)
                 fine = self._fit_fine_scale(data, fit, covariance, sites, eigenvalues)
                 model = self._site_model(data, fit, covariance, fine, sites, eigenvalues)
@@ -353,6 +361,7 @@ class SpatialAdapter:
             return None
         target, folds, times = self._cv_inputs(data, fit)
         model = self._site_model(data, fit, covariance, fine, sites)
+        self._report(f"site cross-validation of the fitted model ({len(folds)} folds)")
         cv = cross_validate_sites(model, target, folds, times=times)
         ratios = variance_ratio_at(model.planar, model.planar, cv.squared_error, cv.model_variance, cv.count)
         return cv, coverage_by_distance(cv, ratios)
