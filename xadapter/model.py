@@ -64,14 +64,20 @@ _PARAMETER_NAMES = (
     "space_dims", "progress", "fine_neighbors", "site_folds", "cv_max_times",
 )
 
+#: Rounds of refilling the gaps before the spectral rule (see ``SpatialAdapter._covariance``).
+GAP_REFILL_ROUNDS = 8
+
 #: The fine scale is refitted on lags up to this many first-pass ranges.
 FINE_FIT_RANGES = 5.0
 
 #: Largest nominal rank tried by ``rank="auto"``.
 AUTO_MAX_RANK = 20
 
-#: Multipliers of the K-th eigenvalue of ``Dc^T Dc`` tried by ``tau1="cv"`` (plus 0).
-TAU1_CV_FACTORS = (0.03, 0.1, 0.3, 1.0)
+#: Multipliers of the largest eigenvalue of ``Dc^T Dc`` tried by ``tau1="cv"`` (plus 0).
+#: The penalty is normalised to a largest eigenvalue of 1 while smooth patterns have
+#: roughness far below 1, so the penalty starts to matter only near and above the
+#: data's leading eigenvalue.
+TAU1_CV_FACTORS = (0.01, 0.1, 1.0, 10.0, 100.0)
 
 
 class SpatialAdapter:
@@ -94,7 +100,7 @@ class SpatialAdapter:
         to unit largest eigenvalue, so ``tau1`` is in units of the eigenvalues of
         ``Dc^T Dc``, residual units squared times time steps). ``"cv"``: chosen by
         cross-validation over sites on the kriging CRPS among 0 and
-        :data:`TAU1_CV_FACTORS` times the K-th eigenvalue of ``Dc^T Dc``.
+        :data:`TAU1_CV_FACTORS` times the largest eigenvalue of ``Dc^T Dc``.
     tau2 : float, default 0.0
         Sparsity weight (L1 norm of the basis).
     gamma : float or None, default None
@@ -265,7 +271,7 @@ class SpatialAdapter:
             fit, covariance, fine, selection = self._search(data, sites, fit_one)
         else:
             fit = fit_one(float(self.tau1))
-            covariance = low_rank_plus_noise(fit.basis, fit.filled, gamma=self.gamma)
+            covariance = self._covariance(data, fit)
             fine = self._fit_fine_scale(data, fit, covariance, sites)
         calibration = self._calibrate(data, fit, covariance, fine, sites)
         self._state = self._build_state(stacked, site_dim, space_dims, time_dim, sites, fit, covariance,
@@ -324,15 +330,14 @@ class SpatialAdapter:
         if self.tau1 == "cv":
             centred = base.filled - base.mean
             gram_eigs = np.linalg.svd(centred, compute_uv=False) ** 2
-            k_th = gram_eigs[min(base.basis.shape[1], len(gram_eigs)) - 1]
-            tau1_grid = [0.0] + [float(f * k_th) for f in TAU1_CV_FACTORS]
+            tau1_grid = [0.0] + [float(f * gram_eigs[0]) for f in TAU1_CV_FACTORS]
         else:
             tau1_grid = [float(self.tau1)]
         records = []
         best = None
         for tau1 in tau1_grid:
             fit = base if tau1 == 0.0 else fit_one(tau1, init=base.basis)
-            covariance = low_rank_plus_noise(fit.basis, fit.filled, gamma=self.gamma)
+            covariance = self._covariance(data, fit)
             target, folds, times = self._cv_inputs(data, fit)
             everything = np.arange(data.shape[1])
             reference = self._site_model(data, fit, covariance, None, sites)
@@ -365,6 +370,35 @@ class SpatialAdapter:
         cv = cross_validate_sites(model, target, folds, times=times)
         ratios = variance_ratio_at(model.planar, model.planar, cv.squared_error, cv.model_variance, cv.count)
         return cv, coverage_by_distance(cv, ratios)
+
+    def _covariance(self, data, fit):
+        """Low-rank-plus-noise covariance of the fit, honest about the gaps.
+
+        Gaps are filled from the rank-K reconstruction, which carries no noise and
+        reinforces the K fitted directions: the spectral rule then reads noise
+        components as signal (measured: true rank 3 read as 10 with 10 % of entries
+        missing). With gaps, the gaps are refilled with a draw from the kriging
+        predictive distribution of the current covariance (shrunken scores plus noise,
+        seeded) and the covariance re-estimated, until the effective rank settles.
+        """
+        covariance = low_rank_plus_noise(fit.basis, fit.filled, gamma=self.gamma)
+        missing = np.isnan(data)
+        if not missing.any():
+            return covariance
+        rng = np.random.default_rng(self.seed)
+        draws = rng.standard_normal(data.shape)
+        for _ in range(GAP_REFILL_ROUNDS):
+            if covariance.effective_rank == 0:
+                break
+            result = _krige_arrays(np.where(missing, np.nan, fit.filled), covariance.loadings(fit.basis),
+                                   covariance.eigenvalues, covariance.noise_variance, mean=fit.mean)
+            refilled = np.where(missing, result.mean + np.sqrt(result.variance) * draws, fit.filled)
+            updated = low_rank_plus_noise(fit.basis, refilled, gamma=self.gamma)
+            settled = updated.effective_rank == covariance.effective_rank
+            covariance = updated
+            if settled:
+                break
+        return covariance
 
     def _fit_fine_scale(self, data, fit, covariance, sites, eigenvalues=None):
         """Fit the fine-scale covariance on the remainders beyond the kept low rank."""
@@ -594,8 +628,11 @@ class SpatialAdapter:
     @property
     def history(self):
         """Per-iteration convergence record, Dataset over ``iteration``."""
-        names = [n for n in self.state.data_vars if n.startswith("history_")]
+        names = [n for n in self.state.data_vars if n.startswith("history_") and n != "history_iteration"]
         ds = self.state[names].rename({n: n[len("history_"):] for n in names})
+        if "history_iteration" in self.state:
+            # 1-based iteration numbers of the driver (0 for the skipped loop)
+            ds = ds.assign_coords(iteration=self.state["history_iteration"].values.astype(int))
         return ds.assign_attrs(converged=bool(self.state.attrs["converged"]),
                                skipped_loop=bool(self.state.attrs["skipped_loop"]))
 
