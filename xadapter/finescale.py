@@ -79,7 +79,7 @@ from scipy.spatial import cKDTree
 from .checks import nonnegative
 from .exceptions import InputError, ProblemTooLargeError
 from .geometry import chord_to_great_circle_km, sphere_xyz, validate_latlon
-from .kriging import check_low_rank
+from .kriging import check_low_rank, observation_patterns
 
 #: Correlation families understood by :class:`FineScaleParams`.
 KINDS = ("exponential", "matern32")
@@ -581,12 +581,6 @@ def fit_fine_scale(remainders, coords, kind="exponential", *, geographic=False, 
 # --------------------------------------------------------------------------------------
 
 
-def _missingness_patterns(observed):
-    """Distinct rows of a (T, N) boolean mask and, per time, its pattern index."""
-    patterns, inverse = np.unique(observed, axis=0, return_inverse=True)
-    return patterns, np.asarray(inverse).reshape(-1)
-
-
 def _local_weights(observed_points, target_points, neighbour_index, params, geographic):
     """Simple-kriging weights of each target on its neighbours (batched ``k x k`` solves).
 
@@ -677,12 +671,7 @@ def local_simple_krige(values, coords, target_coords, params, *, k=20, geographi
     prior = params.partial_sill + (params.nugget if include_nugget else 0.0)
     mean = np.zeros((n_times, n_targets))
     variance = np.full((n_times, n_targets), prior)
-    patterns, inverse = _missingness_patterns(~np.isnan(values))
-    for index, pattern in enumerate(patterns):
-        sites = np.flatnonzero(pattern)
-        if sites.size == 0:
-            continue
-        times = np.flatnonzero(inverse == index)
+    for times, sites in observation_patterns(values):
         observed = values[np.ix_(times, sites)]
         observed_points = points[sites]
         k_here = min(k, sites.size)
@@ -854,12 +843,7 @@ def krige_with_fine_scale(data, loadings, eigenvalues, params, coords, *, target
     prior_low_rank = np.einsum("pk,k,pk->p", target_loadings, eigenvalues, target_loadings)
     predicted = np.zeros((n_times, n_targets))
     variance = np.broadcast_to(prior_low_rank + params.partial_sill + nugget, (n_times, n_targets)).copy()
-    patterns, inverse = _missingness_patterns(~np.isnan(centred))
-    for index, pattern in enumerate(patterns):
-        sites = np.flatnonzero(pattern)
-        if sites.size == 0:
-            continue
-        times = np.flatnonzero(inverse == index)
+    for times, sites in observation_patterns(centred):
         observed = centred[np.ix_(times, sites)]
         observed_points = points[sites]
         observed_loadings = loadings[sites]
@@ -934,12 +918,7 @@ def exact_krige(data, loadings, eigenvalues, params, coords, *, target_loadings=
     prior = np.einsum("pk,k,pk->p", target_loadings, eigenvalues, target_loadings) + params.partial_sill
     predicted = np.zeros((n_times, n_targets))
     variance = np.broadcast_to(prior + nugget, (n_times, n_targets)).copy()
-    patterns, inverse = _missingness_patterns(~np.isnan(centred))
-    for index, pattern in enumerate(patterns):
-        sites = np.flatnonzero(pattern)
-        if sites.size == 0:
-            continue
-        times = np.flatnonzero(inverse == index)
+    for times, sites in observation_patterns(centred):
         observed_points = points[sites]
         observed_loadings = loadings[sites] * eigenvalues
         between = _distance_km(observed_points[:, None, :], observed_points[None, :, :], geographic)

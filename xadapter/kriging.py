@@ -180,10 +180,27 @@ def _conditional_score_covariance(observed_loadings, eigenvalues, white_variance
     return root[:, None] * sla.cho_solve(factor, np.diag(root), check_finite=False)
 
 
-def _missingness_patterns(observed):
-    """Distinct rows of the (T, N) boolean mask and, per time, its pattern index."""
-    patterns, inverse = np.unique(observed, axis=0, return_inverse=True)
-    return patterns, np.asarray(inverse).reshape(-1)
+def observation_patterns(data, skip_empty=True):
+    """Group times by which sites they observe, so each group shares one factorisation.
+
+    Parameters
+    ----------
+    data : ndarray (T, N)
+        NaN where unobserved.
+    skip_empty : bool
+        Leave out the pattern with no observed site (its times keep their prior).
+
+    Yields
+    ------
+    times, sites : ndarray of int
+        The times sharing one pattern and the sites it observes.
+    """
+    patterns, inverse = np.unique(~np.isnan(data), axis=0, return_inverse=True)
+    inverse = np.asarray(inverse).reshape(-1)
+    for index, pattern in enumerate(patterns):
+        sites = np.flatnonzero(pattern)
+        if sites.size or not skip_empty:
+            yield np.flatnonzero(inverse == index), sites
 
 
 def _low_rank_krige(centred, loadings, eigenvalues, white_variance, target_loadings,
@@ -220,10 +237,7 @@ def _low_rank_krige(centred, loadings, eigenvalues, white_variance, target_loadi
             remainders = centred.copy()
         return _LowRankPrediction(mean, variance, scores, remainders)
 
-    patterns, inverse = _missingness_patterns(~np.isnan(centred))
-    for index, pattern in enumerate(patterns):
-        times = np.flatnonzero(inverse == index)
-        sites = np.flatnonzero(pattern)
+    for times, sites in observation_patterns(centred, skip_empty=False):
         observed_loadings = loadings[sites]
         cond = _conditional_score_covariance(observed_loadings, eigenvalues, white_variance)
         observed = centred[np.ix_(times, sites)]
