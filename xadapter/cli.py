@@ -67,9 +67,39 @@ def _demo(args):
     adapter.to_netcdf(out / "ozone_adapter.nc")
     from .io import atomic_to_netcdf
 
-    atomic_to_netcdf(result, out / "ozone_kriged.nc")
-    say(f"\nwrote {out / 'ozone_adapter.nc'} and {out / 'ozone_kriged.nc'}")
+    # the whole grid for the first forecast month, as maps of mean and variance
+    grid = xr.Dataset(coords={"lat": ds["lat"], "lon": ds["lon"]})
+    maps = adapter.krige(observed.isel(time=slice(0, 1)), at=grid, level=0.9)
+    atomic_to_netcdf(result, out / "ozone_kriged_cells.nc")
+    atomic_to_netcdf(maps, out / "ozone_kriged_map.nc")
+    written = [out / "ozone_adapter.nc", out / "ozone_kriged_cells.nc", out / "ozone_kriged_map.nc"]
+    if not args.no_plot:
+        written += _demo_plots(adapter, maps, train_cells, out, say)
+    say("\nwrote " + ", ".join(str(path) for path in written))
     return 0
+
+
+def _demo_plots(adapter, maps, train_cells, out, say):
+    try:
+        from . import plot
+
+        plt = plot._pyplot()
+    except ImportError:
+        say("(matplotlib not installed: no plots; pip install 'xadapter[plot]')")
+        return []
+    plt.switch_backend("Agg")
+    figures = {
+        "ozone_basis.png": plot.basis_maps(adapter, modes=6),
+        "ozone_kriged_map.png": plot.kriging_maps(maps, sites=train_cells.isel(time=0, drop=True)),
+    }
+    if adapter.calibration is not None:
+        figures["ozone_calibration.png"] = plot.calibration_plot(adapter).figure
+    paths = []
+    for name, figure in figures.items():
+        figure.savefig(out / name, dpi=110, bbox_inches="tight")
+        plt.close(figure)
+        paths.append(out / name)
+    return paths
 
 
 def _fit(args):
@@ -103,6 +133,7 @@ def main(argv=None):
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--output", default="xadapter-demo", help="folder for the NetCDF outputs")
     demo.add_argument("--quiet", action="store_true")
+    demo.add_argument("--no-plot", action="store_true", help="do not write PNG maps")
     demo.set_defaults(run=_demo)
 
     fit = sub.add_parser("fit", help="fit an adapter on a residual variable of a NetCDF file")
