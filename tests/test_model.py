@@ -266,3 +266,17 @@ def test_gaps_do_not_turn_noise_into_signal():
     # deterministic for a seed
     again = SpatialAdapter(rank=10, fine_scale=None, site_folds=None).fit(field["residual"])
     assert again.noise_variance == adapter.noise_variance
+
+
+def test_rank_auto_on_held_out_sites_and_times():
+    field = datasets.synthetic_field(150, n_stations=90, rank=3, score_variance=(400.0, 200.0, 100.0),
+                                     noise_sd=1.0, seed=11)
+    adapter = SpatialAdapter(rank="auto", fine_scale=None, seed=0).fit(field["residual"])
+    selection = adapter.selection
+    assert selection is not None and selection.sizes["candidate"] >= 4
+    assert adapter.effective_rank == 3
+    best = int(selection["crps"].argmin())
+    assert selection["rank"].values[best] == 3
+    # fewer components than the truth score clearly worse on held-out sites and times
+    crps = dict(zip(selection["rank"].values.astype(int), selection["crps"].values))
+    assert crps[1] > crps[3] * 1.05

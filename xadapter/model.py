@@ -23,8 +23,6 @@ from . import __version__
 from .admm import fit_adapter
 from .covariance import low_rank_plus_noise
 from .exceptions import InputError, NotFittedError, ProblemTooLargeError
-from functools import partial
-
 from .extend import extend_basis
 from .validation import (
     SiteModel,
@@ -61,7 +59,7 @@ _PARAMETER_NAMES = (
     "rank", "tau1", "tau2", "gamma", "penalty", "neighbors", "penalty_order", "fine_scale",
     "ridge", "rho", "batch_size", "phi_every", "phi_freeze", "momentum", "min_iter", "max_iter",
     "tol", "extension", "extension_neighbors", "extension_smoothing", "seed", "time_dim",
-    "space_dims", "progress", "fine_neighbors", "site_folds", "cv_max_times",
+    "space_dims", "progress", "fine_neighbors", "site_folds", "cv_max_times", "cv_time_blocks",
 )
 
 #: Rounds of refilling the gaps before the spectral rule (see ``SpatialAdapter._covariance``).
@@ -125,6 +123,10 @@ class SpatialAdapter:
         switches it off (new-site variances are then the model's alone).
     cv_max_times : int, default 200
         Time steps (evenly spaced) used by the cross-validation over sites.
+    cv_time_blocks : int, default 3
+        Contiguous time blocks of the ``rank="auto"`` / ``tau1="cv"`` search: each
+        block is scored at held-out sites after fitting on the other blocks (1: score
+        on the fitted times).
     ridge : float
         Ridge weight of the residual trend.
     rho, batch_size, phi_every, phi_freeze, momentum, min_iter, max_iter, tol
@@ -178,6 +180,7 @@ class SpatialAdapter:
         fine_neighbors=30,
         site_folds=5,
         cv_max_times=200,
+        cv_time_blocks=3,
     ):
         self.rank = rank
         self.tau1 = tau1
@@ -206,6 +209,7 @@ class SpatialAdapter:
         self.fine_neighbors = fine_neighbors
         self.site_folds = site_folds
         self.cv_max_times = cv_max_times
+        self.cv_time_blocks = cv_time_blocks
         self._state = None
 
     # ------------------------------------------------------------------ parameters
@@ -265,12 +269,11 @@ class SpatialAdapter:
         feature_values, covariate_array = _covariate_array(covariates, stacked, time_dim, site_dim, space_dims)
 
         omega = self._penalty(sites)
-        fit_one = partial(self._fit_core, data, rank, omega, covariate_array)
         selection = None
         if self.tau1 == "cv" or self.rank == "auto":
-            fit, covariance, fine, selection = self._search(data, sites, fit_one)
+            fit, covariance, fine, selection = self._search(data, sites, covariate_array, rank, omega)
         else:
-            fit = fit_one(float(self.tau1))
+            fit = self._fit_core(data, rank, omega, covariate_array, float(self.tau1))
             covariance = self._covariance(data, fit)
             fine = self._fit_fine_scale(data, fit, covariance, sites)
         calibration = self._calibrate(data, fit, covariance, fine, sites)
@@ -324,41 +327,64 @@ class SpatialAdapter:
         target = np.where(np.isnan(data), np.nan, fit.filled)
         return target, folds, times
 
-    def _search(self, data, sites, fit_one):
-        """Choose tau1 and/or the effective rank by cross-validation over sites (CRPS)."""
-        base = fit_one(0.0)
+    def _search(self, data, sites, covariates, rank, omega):
+        """Choose tau1 and/or the effective rank on held-out sites x held-out times (CRPS).
+
+        Times are split into :attr:`cv_time_blocks` contiguous blocks; for each block
+        the adapter is fitted on the other times and every candidate kriges the
+        block's times at held-out sites (cross-validation over sites, with the basis
+        and mean re-extended), from the other sites' observations. The chosen setting
+        is refitted on all times.
+        """
+        n_times, n_sites = data.shape
+        base = self._fit_core(data, rank, omega, covariates, 0.0)
         if self.tau1 == "cv":
             centred = base.filled - base.mean
             gram_eigs = np.linalg.svd(centred, compute_uv=False) ** 2
             tau1_grid = [0.0] + [float(f * gram_eigs[0]) for f in TAU1_CV_FACTORS]
         else:
             tau1_grid = [float(self.tau1)]
-        records = []
-        best = None
+        ranks = range(0, rank + 1) if self.rank == "auto" else [None]
+        blocks = _time_blocks(data, int(self.cv_time_blocks or 1))
+        folds = site_folds(n_sites, min(int(self.site_folds), n_sites), seed=self.seed)
+        everything = np.arange(n_sites)
+        totals = {}
         for tau1 in tau1_grid:
-            fit = base if tau1 == 0.0 else fit_one(tau1, init=base.basis)
-            covariance = self._covariance(data, fit)
-            target, folds, times = self._cv_inputs(data, fit)
-            everything = np.arange(data.shape[1])
-            reference = self._site_model(data, fit, covariance, None, sites)
-            extensions = [extend_to_held_out(reference, np.setdiff1d(everything, held), held) for held in folds]
-            ranks = [covariance.effective_rank]
-            if self.rank == "auto":
-                ranks = list(range(0, covariance.effective_rank + 1))
-            for rank in ranks:
-                self._report(f"site cross-validation: tau1={tau1:.4g}, rank {rank} "
-                             f"({len(records) + 1}/{len(tau1_grid) * len(ranks)})")
-                eigenvalues = np.where(np.arange(len(covariance.eigenvalues)) < rank, covariance.eigenvalues, 0.0)
-                fine = self._fit_fine_scale(data, fit, covariance, sites, eigenvalues)
-                model = self._site_model(data, fit, covariance, fine, sites, eigenvalues)
-                cv = cross_validate_sites(model, target, folds, times=times, extensions=extensions)
-                records.append((tau1, rank, cv.crps, cv.rmse, cv.coverage))
-                if best is None or cv.crps < best[0]:
-                    best = (cv.crps, fit, covariance, eigenvalues, fine)
-        _, fit, covariance, eigenvalues, fine = best
-        covariance = _with_eigenvalues(covariance, eigenvalues)
-        selection = np.array(records, dtype=float)
-        return fit, covariance, fine, selection
+            for number, block in enumerate(blocks):
+                train = everything[:0] if block is None else np.setdiff1d(np.arange(n_times), block)
+                train_data = data if block is None else data[train]
+                train_covariates = _rows(covariates, train, n_times, n_sites) if block is not None else covariates
+                fit = self._fit_core(train_data, rank, omega, train_covariates, tau1, init=base.basis)
+                covariance = self._covariance(train_data, fit)
+                if block is None:
+                    target = np.where(np.isnan(data), np.nan, fit.filled)
+                else:
+                    target = data[block] - _trend(covariates, fit.trend_coef, block, n_times, n_sites)
+                times = evenly_spaced_times(target.shape[0], self.cv_max_times)
+                reference = self._site_model(train_data, fit, covariance, None, sites)
+                extensions = [extend_to_held_out(reference, np.setdiff1d(everything, held), held) for held in folds]
+                for candidate in ranks:
+                    keep = covariance.effective_rank if candidate is None else min(candidate, covariance.effective_rank)
+                    self._report(f"cross-validation: tau1={tau1:.4g}, rank {keep}, time block "
+                                 f"{number + 1}/{len(blocks)}")
+                    eigenvalues = np.where(np.arange(rank) < keep, covariance.eigenvalues, 0.0)
+                    fine = self._fit_fine_scale(train_data, fit, covariance, sites, eigenvalues)
+                    model = self._site_model(train_data, fit, covariance, fine, sites, eigenvalues)
+                    cv = cross_validate_sites(model, target, folds, times=times, extensions=extensions)
+                    count = float(cv.count.sum())
+                    total = totals.setdefault((tau1, candidate), np.zeros(5))
+                    total += (count * keep, count * cv.crps, count * cv.rmse**2, count * cv.coverage, count)
+        # rank column: the candidate, or the mean effective rank over the blocks
+        records = np.array([(tau1, t[0] / t[4] if candidate is None else candidate, t[1] / t[4],
+                             np.sqrt(t[2] / t[4]), t[3] / t[4]) for (tau1, candidate), t in totals.items()])
+        best_tau1, best_rank = records[np.argmin(records[:, 2]), :2]
+        fit = base if best_tau1 == 0.0 else self._fit_core(data, rank, omega, covariates, best_tau1, init=base.basis)
+        covariance = self._covariance(data, fit)
+        if self.rank == "auto":
+            keep = min(int(best_rank), covariance.effective_rank)
+            covariance = _with_eigenvalues(covariance, np.where(np.arange(rank) < keep, covariance.eigenvalues, 0.0))
+        fine = self._fit_fine_scale(data, fit, covariance, sites)
+        return fit, covariance, fine, records
 
     def _calibrate(self, data, fit, covariance, fine, sites):
         """Site cross-validation of the final model: variance ratios and coverage by distance."""
@@ -1043,6 +1069,39 @@ def _covariate_array(covariates, stacked, time_dim, site_dim, space_dims):
         array = np.broadcast_to(array[:, None, :] if has_time else array[None, :, :],
                                 (n_times, n_sites, array.shape[-1])).copy()
     return covariates["feature"].values if "feature" in covariates.coords else np.arange(covariates.sizes["feature"]), array
+
+
+def _time_blocks(data, n_blocks):
+    """Contiguous time blocks whose complement observes every site ([None]: no split)."""
+    n_times = data.shape[0]
+    if n_blocks < 2 or n_times < 3 * n_blocks:
+        return [None]
+    blocks = np.array_split(np.arange(n_times), n_blocks)
+    observed = ~np.isnan(data)
+    for block in blocks:
+        rest = np.ones(n_times, bool)
+        rest[block] = False
+        if not observed[rest].any(axis=0).all():
+            return [None]  # some site is seen only inside one block
+    return blocks
+
+
+def _rows(covariates, rows, n_times, n_sites):
+    """Covariates restricted to some times (space-only covariates are unchanged)."""
+    if covariates is None:
+        return None
+    if covariates.ndim == 3 or (covariates.shape[0] == n_times and n_times != n_sites):
+        return covariates[rows]
+    return covariates
+
+
+def _trend(covariates, theta, rows, n_times, n_sites):
+    """Residual trend at some times, zeros without covariates."""
+    if covariates is None or theta is None:
+        return 0.0
+    from .trend import evaluate_trend
+
+    return evaluate_trend(_rows(covariates, rows, n_times, n_sites), theta, len(rows), n_sites)
 
 
 def _with_eigenvalues(covariance, eigenvalues):
