@@ -275,7 +275,7 @@ def test_rank_auto_on_held_out_sites_and_times():
     selection = adapter.selection
     assert selection is not None and selection.sizes["candidate"] >= 4
     assert adapter.effective_rank == 3
-    best = int(selection["crps"].argmin())
+    best = int(np.argmin(selection["crps"].values))
     assert selection["rank"].values[best] == 3
     # fewer components than the truth score clearly worse on held-out sites and times
     crps = dict(zip(selection["rank"].values.astype(int), selection["crps"].values))
