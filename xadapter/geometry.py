@@ -8,6 +8,8 @@ domain, so the convention never matters.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 import scipy.sparse as sp
 from pyproj import Transformer
@@ -238,6 +240,7 @@ def local_projection_km(lat, lon, centre=None):
     return np.stack([np.asarray(x) / 1000.0, np.asarray(y) / 1000.0], axis=-1)
 
 
+@lru_cache(maxsize=32)
 def _aeqd_transformer(lat0, lon0):
     proj = f"+proj=aeqd +lat_0={lat0} +lon_0={lon0} +datum=WGS84 +units=m +no_defs"
     return Transformer.from_crs("EPSG:4326", proj, always_xy=True)
