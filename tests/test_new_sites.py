@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import xarray as xr
 
 from xadapter import SpatialAdapter, datasets, metrics
 from xadapter.geometry import great_circle_km

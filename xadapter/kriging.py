@@ -62,6 +62,17 @@ class KrigingResult:
     level: float
     multiplier: float
 
+    @classmethod
+    def from_moments(cls, mean, variance, level=0.9, multiplier=None):
+        """Intervals ``mean -/+ q sqrt(variance)`` around given predictive moments.
+
+        ``q`` is the Gaussian quantile at ``level`` unless ``multiplier`` is given.
+        """
+        level, multiplier = _interval_multiplier(level, multiplier)
+        half_width = multiplier * np.sqrt(np.maximum(variance, 0.0))
+        return cls(mean=mean, variance=variance, lower=mean - half_width, upper=mean + half_width,
+                   level=level, multiplier=multiplier)
+
 
 @dataclass(frozen=True)
 class _LowRankPrediction:
@@ -305,12 +316,7 @@ def krige(data, loadings, eigenvalues, noise_variance, *, target_loadings=None, 
     data, loadings, eigenvalues, noise_variance, target_loadings, mean, target_mean = _validate(
         data, loadings, eigenvalues, noise_variance, target_loadings, mean, target_mean
     )
-    level = _check_level(level)
-    if multiplier is None:
-        multiplier = gaussian_multiplier(level)
-    multiplier = float(multiplier)
-    if not (np.isfinite(multiplier) and multiplier > 0):
-        raise InputError(f"multiplier must be a positive finite number, got {multiplier}.")
+    level, multiplier = _interval_multiplier(level, multiplier)
 
     positive = eigenvalues > 0
     low_rank = _low_rank_krige(
@@ -319,15 +325,18 @@ def krige(data, loadings, eigenvalues, noise_variance, *, target_loadings=None, 
     )
     predicted = low_rank.mean + target_mean
     variance = low_rank.variance + noise_variance if include_noise else low_rank.variance
-    half_width = multiplier * np.sqrt(variance)
-    return KrigingResult(
-        mean=predicted,
-        variance=variance,
-        lower=predicted - half_width,
-        upper=predicted + half_width,
-        level=level,
-        multiplier=multiplier,
-    )
+    return KrigingResult.from_moments(predicted, variance, level, multiplier)
+
+
+def _interval_multiplier(level, multiplier=None):
+    """Checked ``level`` and interval multiplier (Gaussian quantile unless given)."""
+    level = _check_level(level)
+    if multiplier is None:
+        multiplier = gaussian_multiplier(level)
+    multiplier = float(multiplier)
+    if not (np.isfinite(multiplier) and multiplier > 0):
+        raise InputError(f"multiplier must be a positive finite number, got {multiplier}.")
+    return level, multiplier
 
 
 def conformal_multiplier(truth, mean, variance, level=0.9):

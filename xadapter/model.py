@@ -10,13 +10,14 @@ which is what :meth:`SpatialAdapter.to_netcdf` writes and :func:`load` reads.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import sys
 import warnings
 
 import numpy as np
-import scipy.sparse as sp
+import pandas as pd
 import xarray as xr
 
 from . import __version__
@@ -35,9 +36,13 @@ from .validation import (
 )
 from .finescale import FineScaleParams, fit_fine_scale, krige_with_fine_scale
 from .io import atomic_to_netcdf
+from .kriging import KrigingResult, conformal_multiplier
 from .kriging import krige as _krige_arrays
 from .labels import (
-    STACKED_DIM,
+    LATITUDE_RULES,
+    LONGITUDE_RULES,
+    Sites,
+    find_coordinate,
     find_time_dim,
     site_coordinates,
     space_dims_of,
@@ -45,6 +50,7 @@ from .labels import (
     target_sites,
 )
 from .penalty import PENALTY_KINDS, build_penalty
+from .trend import evaluate_trend
 
 FINE_SCALE_KINDS = (None, "exponential", "matern32")
 
@@ -308,7 +314,7 @@ class SpatialAdapter:
         if self.progress:
             print(f"xadapter: {message}", file=sys.stderr, flush=True)
 
-    def _site_model(self, data, fit, covariance, fine, sites, eigenvalues=None):
+    def _site_model(self, fit, covariance, fine, sites, eigenvalues=None):
         coords, geographic = sites.graph_coords()
         return SiteModel(
             basis=fit.basis, rotation=covariance.rotation,
@@ -320,12 +326,8 @@ class SpatialAdapter:
                        "smoothing": self.extension_smoothing},
         )
 
-    def _cv_inputs(self, data, fit):
-        folds = site_folds(data.shape[1], min(int(self.site_folds), data.shape[1]), seed=self.seed)
-        times = evenly_spaced_times(data.shape[0], self.cv_max_times)
-        # observed entries of the residual minus trend
-        target = np.where(np.isnan(data), np.nan, fit.filled)
-        return target, folds, times
+    def _site_folds(self, n_sites):
+        return site_folds(n_sites, min(int(self.site_folds), n_sites), seed=self.seed)
 
     def _search(self, data, sites, covariates, rank, omega):
         """Choose tau1 and/or the effective rank on held-out sites x held-out times (CRPS).
@@ -346,22 +348,24 @@ class SpatialAdapter:
             tau1_grid = [float(self.tau1)]
         ranks = range(0, rank + 1) if self.rank == "auto" else [None]
         blocks = _time_blocks(data, int(self.cv_time_blocks or 1))
-        folds = site_folds(n_sites, min(int(self.site_folds), n_sites), seed=self.seed)
+        folds = self._site_folds(n_sites)
         everything = np.arange(n_sites)
         totals = {}
         for tau1 in tau1_grid:
             for number, block in enumerate(blocks):
-                train = everything[:0] if block is None else np.setdiff1d(np.arange(n_times), block)
-                train_data = data if block is None else data[train]
-                train_covariates = _rows(covariates, train, n_times, n_sites) if block is not None else covariates
+                if block is None:
+                    train_data, train_covariates = data, covariates
+                else:
+                    train = np.setdiff1d(np.arange(n_times), block)
+                    train_data, train_covariates = data[train], _rows(covariates, train, n_times, n_sites)
                 fit = self._fit_core(train_data, rank, omega, train_covariates, tau1, init=base.basis)
                 covariance = self._covariance(train_data, fit)
                 if block is None:
-                    target = np.where(np.isnan(data), np.nan, fit.filled)
+                    target = _observed(data, fit)
                 else:
                     target = data[block] - _trend(covariates, fit.trend_coef, block, n_times, n_sites)
                 times = evenly_spaced_times(target.shape[0], self.cv_max_times)
-                reference = self._site_model(train_data, fit, covariance, None, sites)
+                reference = self._site_model(fit, covariance, None, sites)
                 extensions = [extend_to_held_out(reference, np.setdiff1d(everything, held), held) for held in folds]
                 for candidate in ranks:
                     keep = covariance.effective_rank if candidate is None else min(candidate, covariance.effective_rank)
@@ -369,7 +373,7 @@ class SpatialAdapter:
                                  f"{number + 1}/{len(blocks)}")
                     eigenvalues = np.where(np.arange(rank) < keep, covariance.eigenvalues, 0.0)
                     fine = self._fit_fine_scale(train_data, fit, covariance, sites, eigenvalues)
-                    model = self._site_model(train_data, fit, covariance, fine, sites, eigenvalues)
+                    model = self._site_model(fit, covariance, fine, sites, eigenvalues)
                     cv = cross_validate_sites(model, target, folds, times=times, extensions=extensions)
                     count = float(cv.count.sum())
                     total = totals.setdefault((tau1, candidate), np.zeros(5))
@@ -390,10 +394,11 @@ class SpatialAdapter:
         """Site cross-validation of the final model: variance ratios and coverage by distance."""
         if not self.site_folds or data.shape[1] < 2 * int(self.site_folds):
             return None
-        target, folds, times = self._cv_inputs(data, fit)
-        model = self._site_model(data, fit, covariance, fine, sites)
+        folds = self._site_folds(data.shape[1])
+        times = evenly_spaced_times(data.shape[0], self.cv_max_times)
+        model = self._site_model(fit, covariance, fine, sites)
         self._report(f"site cross-validation of the fitted model ({len(folds)} folds)")
-        cv = cross_validate_sites(model, target, folds, times=times)
+        cv = cross_validate_sites(model, _observed(data, fit), folds, times=times)
         ratios = variance_ratio_at(model.planar, model.planar, cv.squared_error, cv.model_variance, cv.count)
         return cv, coverage_by_distance(cv, ratios)
 
@@ -535,10 +540,10 @@ class SpatialAdapter:
             "units": units,
             "n_times": int(fit.scores.shape[0]),
             "n_sites": int(fit.basis.shape[0]),
-            "converged": int(bool(getattr(fit, "converged", True))),
-            "n_iter": int(getattr(fit, "n_iter", 0)),
-            "skipped_loop": int(bool(getattr(fit, "skipped_loop", False))),
-            "n_eff": float(getattr(covariance, "n_eff", np.nan) or np.nan),
+            "converged": int(fit.converged),
+            "n_iter": int(fit.n_iter),
+            "skipped_loop": int(fit.skipped_loop),
+            "n_eff": np.nan if covariance.n_eff is None else float(covariance.n_eff),
             "fine_scale": "none" if fine is None else fine.kind,
         }
         centre = sites.centre()
@@ -692,9 +697,11 @@ class SpatialAdapter:
             matrix += fine.covariance(self._fitted_sites().pairwise_km())
         site_dim = self._site_dim
         other = f"{site_dim}_"
-        coords = {k: v for k, v in self.state[site_dim].coords.items()}
-        coords_other = {(f"{k}_" if k != site_dim else other): (other, v.values) for k, v in coords.items()}
-        out = xr.DataArray(matrix, dims=(site_dim, other), coords={**{k: (site_dim, v.values) for k, v in coords.items()}, **coords_other})
+        coords = {}
+        for name, coord in self.state[site_dim].coords.items():
+            coords[name] = (site_dim, coord.values)
+            coords[f"{name}_"] = (other, coord.values)
+        out = xr.DataArray(matrix, dims=(site_dim, other), coords=coords)
         return out.assign_attrs(long_name="model covariance of the residual", units=self.state["eigenvalues"].attrs["units"])
 
     # ------------------------------------------------------------------ kriging
@@ -747,13 +754,15 @@ class SpatialAdapter:
         multiplier = _multiplier(calibrate, level)
         loadings = self._loadings()
         eigenvalues = state["eigenvalues"].values
+        fitted = self._fitted_sites()
         if at is None:
             template = obs_stacked.isel({time_dim: 0}, drop=True)
             target_loadings, target_mean = loadings, mean_fit
             trend_target = trend_obs
         else:
             template, targets = target_sites(at)
-            target_basis, target_mean = self._extend(targets)
+            fitted_planar, target_planar = self._planar_pair(fitted, targets)
+            target_basis, target_mean = self._extend(fitted_planar, target_planar)
             target_loadings = target_basis @ state["rotation"].values
             trend_target = self._trend_at(covariates, template.expand_dims({time_dim: obs_stacked[time_dim].values}),
                                           template.dims[0], time_dim)
@@ -765,7 +774,6 @@ class SpatialAdapter:
                 include_noise=include_noise, level=level, multiplier=multiplier,
             )
         else:
-            fitted = self._fitted_sites()
             coords, geographic = fitted.graph_coords()
             target_coords = None if at is None else targets.graph_coords()[0]
             mean_values, variance = krige_with_fine_scale(
@@ -774,14 +782,11 @@ class SpatialAdapter:
                 mean=mean_fit, target_mean=target_mean, include_noise=include_noise,
                 k=self.fine_neighbors, geographic=geographic,
             )
-            result = _interval_result(mean_values, variance, level, multiplier)
+            result = KrigingResult.from_moments(mean_values, variance, level, multiplier)
         if at is not None and "cv_squared_error" in state:
-            ratio = variance_ratio_at(
-                targets.planar_km(self._fitted_sites().centre()) if targets.geographic else targets.xy_km,
-                self._fitted_sites().planar_km(self._fitted_sites().centre()),
-                state["cv_squared_error"].values, state["cv_model_variance"].values, state["cv_count"].values)
-            result = _interval_result(result.mean, result.variance * ratio[None, :], level,
-                                      multiplier if multiplier is not None else None)
+            ratio = variance_ratio_at(target_planar, fitted_planar, state["cv_squared_error"].values,
+                                      state["cv_model_variance"].values, state["cv_count"].values)
+            result = KrigingResult.from_moments(result.mean, result.variance * ratio[None, :], level, multiplier)
         shift = np.zeros((n_times, target_loadings.shape[0]))
         if trend_target is not None:
             shift = shift + trend_target
@@ -825,38 +830,33 @@ class SpatialAdapter:
         return xr.DataArray(values, dims=(time_dim, site_dim), coords=coords, attrs=observed.attrs)
 
     def _site_index(self):
-        import pandas as pd
-
         site = self.state[self._site_dim]
         space_dims = self._space_dims
         if len(space_dims) == 1:
             return pd.Index(site.values)
         return pd.MultiIndex.from_arrays([self.state[d].values for d in space_dims], names=list(space_dims))
 
-    def _extend(self, targets):
-        state = self.state
-        geographic = bool(state.attrs["geographic"])
-        if geographic != targets.geographic:
+    def _planar_pair(self, fitted, targets):
+        """Planar km coordinates of fitted sites and targets, projected about the same centre."""
+        if fitted.geographic != targets.geographic:
             raise InputError(
                 "`at` and the fitted sites use different coordinate systems (lat/lon vs x/y); "
                 "give target locations in the fitted system."
             )
-        fitted = self._fitted_sites()
         centre = fitted.centre()
-        new = targets.planar_km(centre) if geographic else targets.xy_km
-        values = np.column_stack([state["basis"].values, state["mean"].values])
-        extended = extend_basis(new, fitted.planar_km(centre), values, method=self.extension,
+        return fitted.planar_km(centre), targets.planar_km(centre)
+
+    def _extend(self, fitted_planar, target_planar):
+        """Basis rows and site mean at the targets (thin-plate extension)."""
+        values = np.column_stack([self.state["basis"].values, self.state["mean"].values])
+        extended = extend_basis(target_planar, fitted_planar, values, method=self.extension,
                                 neighbors=self.extension_neighbors, smoothing=self.extension_smoothing)
         return extended[:, :-1], extended[:, -1]
 
     def _fitted_sites(self):
-        from .labels import Sites
-
         state = self.state
         site_dim = self._site_dim
         if bool(state.attrs["geographic"]):
-            from .labels import LATITUDE_RULES, LONGITUDE_RULES, find_coordinate
-
             lat = state[find_coordinate(state, LATITUDE_RULES)].values
             lon = state[find_coordinate(state, LONGITUDE_RULES)].values
             return Sites(site_dim, self._space_dims, True, lat=lat, lon=lon)
@@ -871,8 +871,6 @@ class SpatialAdapter:
                 "the adapter has a residual trend: pass covariates=... covering the observed "
                 "times and every observed and target site."
             )
-        from .trend import evaluate_trend
-
         space_dims = self._space_dims if site_dim == self._site_dim else tuple(
             d for d in covariates.dims if d not in (time_dim, "feature"))
         features, array = _covariate_array(covariates, stacked, time_dim, site_dim, space_dims)
@@ -910,7 +908,7 @@ class SpatialAdapter:
         }
         for name, (values, var_units, long_name) in specs.items():
             out[name] = ((time_dim, dim), values, {"units": var_units, "long_name": long_name})
-        if isinstance(template.indexes.get(dim), __import__("pandas").MultiIndex):
+        if isinstance(template.indexes.get(dim), pd.MultiIndex):
             out = out.assign_coords(xr.Coordinates.from_pandas_multiindex(template.indexes[dim], dim)).unstack(dim)
         elif fitted_targets:
             out = self._unstack(out)
@@ -1027,8 +1025,6 @@ def _site_coords(stacked, site_dim):
 
 
 def _stacked_index(stacked, dim, space_dims):
-    import pandas as pd
-
     if len(space_dims) == 1:
         return pd.Index(stacked[dim].values)
     index = stacked.indexes[dim]
@@ -1071,6 +1067,11 @@ def _covariate_array(covariates, stacked, time_dim, site_dim, space_dims):
     return covariates["feature"].values if "feature" in covariates.coords else np.arange(covariates.sizes["feature"]), array
 
 
+def _observed(data, fit):
+    """The residual minus trend at the observed entries, NaN at the gaps."""
+    return np.where(np.isnan(data), np.nan, fit.filled)
+
+
 def _time_blocks(data, n_blocks):
     """Contiguous time blocks whose complement observes every site ([None]: no split)."""
     n_times = data.shape[0]
@@ -1099,27 +1100,12 @@ def _trend(covariates, theta, rows, n_times, n_sites):
     """Residual trend at some times, zeros without covariates."""
     if covariates is None or theta is None:
         return 0.0
-    from .trend import evaluate_trend
-
     return evaluate_trend(_rows(covariates, rows, n_times, n_sites), theta, len(rows), n_sites)
 
 
 def _with_eigenvalues(covariance, eigenvalues):
-    import dataclasses
-
     eigenvalues = np.asarray(eigenvalues, dtype=np.float64)
     return dataclasses.replace(covariance, eigenvalues=eigenvalues, effective_rank=int((eigenvalues > 0).sum()))
-
-
-def _interval_result(mean, variance, level, multiplier):
-    from types import SimpleNamespace
-
-    from .kriging import gaussian_multiplier
-
-    q = gaussian_multiplier(level) if multiplier is None else float(multiplier)
-    spread = q * np.sqrt(np.maximum(variance, 0.0))
-    return SimpleNamespace(mean=mean, variance=variance, lower=mean - spread, upper=mean + spread,
-                           level=level, multiplier=q)
 
 
 def _multiplier(calibrate, level):
@@ -1133,8 +1119,6 @@ def _multiplier(calibrate, level):
         truth, result = calibrate
     except (TypeError, ValueError):
         raise InputError("calibrate must be a multiplier or a (truth, kriging result) pair.") from None
-    from .kriging import conformal_multiplier
-
     return conformal_multiplier(np.asarray(truth), np.asarray(result["mean"]), np.asarray(result["variance"]), level)
 
 
