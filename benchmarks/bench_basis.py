@@ -29,7 +29,7 @@ import tracemalloc
 
 import numpy as np
 
-from xadapter.basis import solve_basis, subspace_distance
+from xadapter.engine.basis import solve_basis, subspace_distance
 
 
 def make_data(n_times, n_sites, signal_rank, noise, seed):

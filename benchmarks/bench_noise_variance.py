@@ -24,7 +24,7 @@ import xarray as xr
 
 from xadapter import SpatialAdapter
 from xadapter.datasets import ar1
-from xadapter.geometry import local_projection_km
+from xadapter.engine.geometry import local_projection_km
 
 NOISE = 0.5
 FINE_SILL, FINE_RANGE_KM = 1.0, 150.0

@@ -22,7 +22,7 @@ import numpy as np
 import xarray as xr
 
 from xadapter import SpatialAdapter, datasets, metrics
-from xadapter.geometry import local_projection_km
+from xadapter.engine.geometry import local_projection_km
 
 N_TRAIN = 48
 LEVEL = 0.9

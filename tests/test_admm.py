@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from xadapter.admm import HISTORY_KEYS, AdapterFit, fit_adapter
-from xadapter.basis import solve_basis, subspace_distance
+from xadapter.engine.admm import HISTORY_KEYS, AdapterFit, fit_adapter
+from xadapter.engine.basis import solve_basis, subspace_distance
 from xadapter.exceptions import InputError
 
 

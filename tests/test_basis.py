@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from xadapter import basis as basis_module
-from xadapter.basis import explained_variance, solve_basis, subspace_distance
+from xadapter.engine import basis as basis_module
+from xadapter.engine.basis import explained_variance, solve_basis, subspace_distance
 from xadapter.exceptions import InputError, ProblemTooLargeError
-from xadapter.penalty import build_penalty
+from xadapter.engine.penalty import build_penalty
 
 
 # --------------------------------------------------------------------------- data

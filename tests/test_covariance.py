@@ -3,7 +3,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from xadapter.covariance import (
+from xadapter.engine.covariance import (
     LowRankCovariance,
     effective_sample_size,
     low_rank_plus_noise,

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from xadapter import extend
+from xadapter.engine import extend
 from xadapter.exceptions import (
     CoordinateError,
     DuplicateSiteError,

@@ -26,7 +26,8 @@ import pytest
 import xarray as xr
 
 import xadapter
-from xadapter import SpatialAdapter, datasets, finescale, geometry
+from xadapter import SpatialAdapter, datasets
+from xadapter.engine import finescale, geometry
 
 LARGE_EXTENT = (34.0, 48.0, -102.0, -82.0)  # ~1550 x 1650 km
 SMALL_EXTENT = (38.0, 44.0, -98.0, -90.0)  # ~670 x 700 km

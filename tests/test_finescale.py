@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 from scipy.spatial.distance import cdist
 
-from xadapter import finescale as fs
-from xadapter import geometry
+from xadapter.engine import finescale as fs
+from xadapter.engine import geometry
 from xadapter.exceptions import InputError, ProblemTooLargeError
-from xadapter.kriging import krige
+from xadapter.engine.kriging import krige
 
 
 def correlation(kind, distance, range_km):

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from xadapter import geometry
+from xadapter.engine import geometry
 from xadapter.exceptions import CoordinateError, DuplicateSiteError, InputError
 
 

@@ -5,9 +5,9 @@ import pytest
 from scipy.sparse.linalg import LinearOperator, cg
 from scipy.stats import norm
 
-from xadapter import kriging
+from xadapter.engine import kriging
 from xadapter.exceptions import InputError
-from xadapter.kriging import KrigingResult, conformal_multiplier, krige
+from xadapter.engine.kriging import KrigingResult, conformal_multiplier, krige
 
 
 def dense_krige(data_row, loadings, eigenvalues, noise_variance, target_loadings, mean, target_mean):

@@ -8,9 +8,9 @@ import xarray as xr
 
 import xadapter
 from xadapter import SpatialAdapter, datasets
-from xadapter.admm import fit_adapter
-from xadapter.basis import subspace_distance
-from xadapter.covariance import low_rank_plus_noise
+from xadapter.engine.admm import fit_adapter
+from xadapter.engine.basis import subspace_distance
+from xadapter.engine.covariance import low_rank_plus_noise
 from xadapter.exceptions import CoordinateError, DuplicateSiteError, InputError, MissingCoordinateError, NotFittedError
 
 

@@ -5,7 +5,7 @@ import pytest
 import xarray as xr
 
 from xadapter import SpatialAdapter, datasets
-from xadapter.admm import fit_adapter
+from xadapter.engine.admm import fit_adapter
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from xadapter import SpatialAdapter, datasets, metrics
-from xadapter.geometry import great_circle_km
+from xadapter.engine.geometry import great_circle_km
 
 
 def idw(observed, obs_lat, obs_lon, lat, lon, power=2.0):
@@ -69,7 +69,7 @@ def test_dask_input_is_never_silently_loaded(split_field):
 
 def test_dask_input_too_large_is_refused(monkeypatch, split_field):
     da = pytest.importorskip("dask.array")
-    from xadapter import model
+    from xadapter.labelled import model
 
     cells, _, held = split_field
     lazy = cells.copy(data=da.from_array(cells.values, chunks=(50, -1)))

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from xadapter import penalty
+from xadapter.engine import penalty
 from xadapter.exceptions import InputError, ProblemTooLargeError
 
 

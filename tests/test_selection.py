@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from xadapter.basis import solve_basis, subspace_distance
+from xadapter.engine.basis import solve_basis, subspace_distance
 from xadapter.exceptions import InputError
-from xadapter.selection import CVResult, select_penalty_cv
+from xadapter.engine.selection import CVResult, select_penalty_cv
 
 TAU1_GRID = [0.0, 10.0, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7]
 
@@ -78,7 +78,7 @@ def test_missing_entries_are_scored_on_observed_sites_only():
     assert np.isfinite(result.scores).all() and np.isfinite(result.basis).all()
 
     # independent: fold 0 by per-row least squares on the observed sites
-    from xadapter.admm import fit_adapter
+    from xadapter.engine.admm import fit_adapter
 
     fit = fit_adapter(gappy[10:], 2)
     total, count = 0.0, 0

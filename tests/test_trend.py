@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from xadapter.exceptions import InputError
-from xadapter.trend import Covariates, as_covariates, evaluate_trend, fit_trend
+from xadapter.engine.trend import Covariates, as_covariates, evaluate_trend, fit_trend
 
 T, N, P = 23, 17, 3
 

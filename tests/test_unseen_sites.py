@@ -19,7 +19,8 @@ import pandas as pd
 import pytest
 import xarray as xr
 
-from xadapter import SpatialAdapter, datasets, geometry, metrics
+from xadapter import SpatialAdapter, datasets, metrics
+from xadapter.engine import geometry
 
 N_STATIONS = 150
 N_TIMES = 400

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 from scipy.stats import norm
 
-from xadapter import validation as val
+from xadapter.engine import validation as val
 from xadapter.exceptions import InputError
-from xadapter.finescale import FineScaleParams, krige_with_fine_scale
-from xadapter.kriging import krige
-from xadapter.metrics import crps_gaussian
+from xadapter.engine.finescale import FineScaleParams, krige_with_fine_scale
+from xadapter.engine.kriging import krige
+from xadapter.engine.metrics import crps_gaussian
 
 Q90 = norm.ppf(0.95)
 

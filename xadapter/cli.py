@@ -65,7 +65,7 @@ def _demo(args):
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     adapter.to_netcdf(out / "ozone_adapter.nc")
-    from .io import atomic_to_netcdf
+    from .io.netcdf import atomic_to_netcdf
 
     # the whole grid for the first forecast month, as maps of mean and variance
     grid = xr.Dataset(coords={"lat": ds["lat"], "lon": ds["lon"]})

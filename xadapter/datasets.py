@@ -165,7 +165,7 @@ def synthetic_field(
         ``true_basis`` (space dims..., mode), ``true_scores`` (time, mode),
         ``true_signal`` (time, space dims...) and attribute ``noise_sd``.
     """
-    from .geometry import local_projection_km
+    from .engine.geometry import local_projection_km
 
     rng = np.random.default_rng(seed)
     lat_min, lat_max, lon_min, lon_max = extent

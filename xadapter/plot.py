@@ -22,7 +22,7 @@ import numpy as np
 import xarray as xr
 
 from .exceptions import InputError
-from .labels import LATITUDE_RULES, LONGITUDE_RULES, X_RULES, Y_RULES, find_coordinate, find_time_dim
+from .labelled.labels import LATITUDE_RULES, LONGITUDE_RULES, X_RULES, Y_RULES, find_coordinate, find_time_dim
 
 #: Nominal coverage of the intervals scored by the site cross-validation.
 NOMINAL_COVERAGE = 0.9

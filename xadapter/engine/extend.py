@@ -39,7 +39,7 @@ from scipy.spatial import cKDTree
 from scipy.spatial.distance import cdist
 
 from .checks import nonnegative
-from .exceptions import CoordinateError, InputError, ProblemTooLargeError
+from ..exceptions import CoordinateError, InputError, ProblemTooLargeError
 from .geometry import check_duplicate_sites
 from .penalty import thin_plate_kernel
 

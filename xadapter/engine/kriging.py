@@ -29,7 +29,7 @@ import numpy as np
 import scipy.linalg as sla
 from scipy.stats import norm
 
-from .exceptions import InputError
+from ..exceptions import InputError
 
 # Entries of a (times x targets) block computed at once (bounds temporaries at ~32 MB).
 _BLOCK_ENTRIES = 4_000_000

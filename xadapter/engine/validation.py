@@ -25,7 +25,7 @@ import numpy as np
 from scipy.spatial import cKDTree
 from scipy.stats import norm
 
-from .exceptions import InputError
+from ..exceptions import InputError
 from .extend import extend_basis
 from .finescale import krige_with_fine_scale
 from .kriging import krige

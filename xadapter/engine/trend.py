@@ -29,7 +29,7 @@ import numpy as np
 import scipy.linalg as sla
 
 from .checks import nonnegative
-from .exceptions import InputError
+from ..exceptions import InputError
 
 LAYOUTS = ("time-space", "time", "space")
 

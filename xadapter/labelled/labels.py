@@ -8,13 +8,12 @@ its own dim. This module owns labels only; no maths happens here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import xarray as xr
 
-from .exceptions import InputError, MissingCoordinateError
-from .geometry import domain_centre, planar_coords_km, validate_latlon, validate_planar
+from ..exceptions import InputError, MissingCoordinateError
+from ..engine.geometry import validate_latlon, validate_planar
+from ..engine.sites import Sites
 
 #: Name of the stacked site dim for gridded input.
 STACKED_DIM = "space"
@@ -73,60 +72,6 @@ def find_time_dim(obj, time_dim=None):
     )
 
 
-@dataclass
-class Sites:
-    """Coordinates of a set of sites, stacked to one dim.
-
-    Attributes
-    ----------
-    dim : str
-        The site dim of the stacked data.
-    space_dims : tuple of str
-        The original space dims (one for stations, two for a grid).
-    geographic : bool
-        Whether ``lat``/``lon`` were found (else planar ``x``/``y``).
-    lat, lon : ndarray or None, shape (N,)
-        Degrees.
-    xy_km : ndarray or None, shape (N, d)
-        Projected coordinates in km (planar input).
-    """
-
-    dim: str
-    space_dims: tuple
-    geographic: bool
-    lat: np.ndarray | None = None
-    lon: np.ndarray | None = None
-    xy_km: np.ndarray | None = None
-
-    @property
-    def size(self):
-        return len(self.lat) if self.geographic else len(self.xy_km)
-
-    def graph_coords(self):
-        """Coordinates for neighbour graphs, with the matching ``geographic`` flag."""
-        if self.geographic:
-            return np.column_stack([self.lat, self.lon]), True
-        return self.xy_km, False
-
-    def planar_km(self, centre=None):
-        """Planar km coordinates for thin-plate work (projection centred on ``centre``)."""
-        if self.geographic:
-            return planar_coords_km(self.lat, self.lon, centre)
-        return self.xy_km
-
-    def pairwise_km(self):
-        """Dense (N, N) distances in km (small N only): great-circle or planar."""
-        if self.geographic:
-            from .geometry import great_circle_km
-
-            return great_circle_km(self.lat[:, None], self.lon[:, None], self.lat[None, :], self.lon[None, :])
-        diff = self.xy_km[:, None, :] - self.xy_km[None, :, :]
-        return np.sqrt((diff**2).sum(-1))
-
-    def centre(self):
-        return domain_centre(self.lat, self.lon) if self.geographic else None
-
-
 def space_dims_of(obj, time_dim, space_dims=None, exclude=("feature",)):
     """The space dims of ``obj``: every dim but time (and ``exclude``) unless given."""
     if space_dims is not None:
@@ -173,14 +118,14 @@ def site_coordinates(stacked, dim, space_dims, *, allow_duplicates=False, what="
         lat = _along(stacked, lat_name, dim, what)
         lon = _along(stacked, lon_name, dim, what)
         lat, lon = validate_latlon(lat, lon, allow_duplicates=allow_duplicates)
-        return Sites(dim=dim, space_dims=tuple(space_dims), geographic=True, lat=lat, lon=lon)
+        return Sites(geographic=True, lat=lat, lon=lon)
     x_name = find_coordinate(stacked, X_RULES)
     y_name = find_coordinate(stacked, Y_RULES)
     if x_name is not None and y_name is not None:
         scale = _length_scale_km(stacked[x_name])
         xy = np.column_stack([_along(stacked, x_name, dim, what), _along(stacked, y_name, dim, what)]) * scale
         xy = validate_planar(xy, allow_duplicates=allow_duplicates)
-        return Sites(dim=dim, space_dims=tuple(space_dims), geographic=False, xy_km=xy)
+        return Sites(geographic=False, xy_km=xy)
     raise MissingCoordinateError(
         f"no site coordinates found on the {what}: give lat/lon coordinates (degrees, names "
         "'lat'/'lon' or 'latitude'/'longitude', or CF standard_name/units) or projected "

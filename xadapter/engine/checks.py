@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .exceptions import InputError
+from ..exceptions import InputError
 
 
 def nonnegative(name, value, *, strict=False, below=None):

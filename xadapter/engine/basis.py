@@ -49,7 +49,7 @@ import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
 from .checks import nonnegative
-from .exceptions import InputError, ProblemTooLargeError
+from ..exceptions import InputError, ProblemTooLargeError
 
 #: ``method="auto"`` with an active penalty uses the dense eigensolver up to this many
 #: sites and the matrix-free Lanczos solver above. Measured on 2 cores at T = 500:

@@ -93,7 +93,7 @@ import numpy as np
 
 from .basis import solve_basis, subspace_distance
 from .checks import nonnegative as _nonnegative
-from .exceptions import InputError
+from ..exceptions import InputError
 from .trend import RidgeTrend, as_covariates
 
 HISTORY_KEYS = ("iteration", "primal_residual", "dual_residual", "basis_change", "objective")

@@ -20,12 +20,12 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from . import __version__
-from .admm import fit_adapter
-from .covariance import low_rank_plus_noise
-from .exceptions import InputError, NotFittedError, ProblemTooLargeError
-from .extend import extend_basis
-from .validation import (
+from .._version import __version__
+from ..engine.admm import fit_adapter
+from ..engine.covariance import low_rank_plus_noise
+from ..exceptions import InputError, NotFittedError, ProblemTooLargeError
+from ..engine.extend import extend_basis
+from ..engine.validation import (
     SiteModel,
     coverage_by_distance,
     cross_validate_sites,
@@ -34,14 +34,14 @@ from .validation import (
     site_folds,
     variance_ratio_at,
 )
-from .finescale import FineScaleParams, fit_fine_scale, krige_with_fine_scale
-from .io import atomic_to_netcdf
-from .kriging import KrigingResult, conformal_multiplier
-from .kriging import krige as _krige_arrays
+from ..engine.finescale import FineScaleParams, fit_fine_scale, krige_with_fine_scale
+from ..io.netcdf import atomic_to_netcdf
+from ..engine.kriging import KrigingResult, conformal_multiplier
+from ..engine.kriging import krige as _krige_arrays
+from ..engine.sites import Sites
 from .labels import (
     LATITUDE_RULES,
     LONGITUDE_RULES,
-    Sites,
     find_coordinate,
     find_time_dim,
     site_coordinates,
@@ -49,8 +49,8 @@ from .labels import (
     stack_space,
     target_sites,
 )
-from .penalty import PENALTY_KINDS, build_penalty
-from .trend import evaluate_trend
+from ..engine.penalty import PENALTY_KINDS, build_penalty
+from ..engine.trend import evaluate_trend
 
 FINE_SCALE_KINDS = (None, "exponential", "matern32")
 
@@ -859,7 +859,7 @@ class SpatialAdapter:
         if bool(state.attrs["geographic"]):
             lat = state[find_coordinate(state, LATITUDE_RULES)].values
             lon = state[find_coordinate(state, LONGITUDE_RULES)].values
-            return Sites(site_dim, self._space_dims, True, lat=lat, lon=lon)
+            return Sites(True, lat=lat, lon=lon)
         stacked = state["mean"]
         return site_coordinates(stacked, site_dim, self._space_dims)
 

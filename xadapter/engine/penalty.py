@@ -22,7 +22,7 @@ import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 from scipy.spatial.distance import cdist
 
-from .exceptions import InputError, ProblemTooLargeError
+from ..exceptions import InputError, ProblemTooLargeError
 from .geometry import knn_graph
 
 #: Largest number of sites for which the dense thin-plate penalty is built

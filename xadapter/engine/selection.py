@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .admm import fit_adapter
-from .exceptions import InputError
+from ..exceptions import InputError
 
 SCORES = ("projection", "interpolation")
 RULES = ("min", "one_se")

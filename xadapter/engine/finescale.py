@@ -77,7 +77,7 @@ from scipy.optimize import least_squares
 from scipy.spatial import cKDTree
 
 from .checks import nonnegative
-from .exceptions import InputError, ProblemTooLargeError
+from ..exceptions import InputError, ProblemTooLargeError
 from .geometry import chord_to_great_circle_km, sphere_xyz, validate_latlon
 from .kriging import check_low_rank, observation_patterns
 

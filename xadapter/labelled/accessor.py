@@ -8,8 +8,14 @@ from __future__ import annotations
 
 import xarray as xr
 
-from .exceptions import InputError
-from .model import SpatialAdapter
+from ..exceptions import InputError
+
+
+def _model():
+    # the model pulls in the engine (scipy); import it on first use, not with the package
+    from .model import SpatialAdapter
+
+    return SpatialAdapter
 
 
 @xr.register_dataarray_accessor("sadapter")
@@ -24,14 +30,14 @@ class DataArrayAdapterAccessor:
 
         ``params`` are the constructor parameters of :class:`SpatialAdapter`.
         """
-        return SpatialAdapter(**params).fit(self._obj, covariates=covariates)
+        return _model()(**params).fit(self._obj, covariates=covariates)
 
     def krige(self, adapter, at=None, **kwargs):
         """Krige this field of observed residuals with a fitted ``adapter``.
 
         Same as ``adapter.krige(da, at=at, **kwargs)``.
         """
-        if not isinstance(adapter, SpatialAdapter):
+        if not isinstance(adapter, _model()):
             raise InputError("krige needs a fitted SpatialAdapter as its first argument.")
         return adapter.krige(self._obj, at=at, **kwargs)
 
@@ -75,4 +81,4 @@ class DatasetAdapterAccessor:
                 raise InputError(f"covariates {missing} are not variables of the Dataset.")
             covariate_array = xr.concat([self._obj[c] for c in covariates], dim="feature").assign_coords(
                 feature=list(covariates))
-        return SpatialAdapter(**params).fit(self.residual(target, prediction), covariates=covariate_array)
+        return _model()(**params).fit(self.residual(target, prediction), covariates=covariate_array)

@@ -80,7 +80,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .checks import nonnegative
-from .exceptions import InputError, ProblemTooLargeError
+from ..exceptions import InputError, ProblemTooLargeError
 
 #: Default number of Tracy-Widom scale units added to the Johnstone centring.
 DEFAULT_TW_UNITS = 4.0

@@ -15,7 +15,7 @@ import scipy.sparse as sp
 from pyproj import Transformer
 from scipy.spatial import cKDTree
 
-from .exceptions import CoordinateError, DuplicateSiteError, InputError
+from ..exceptions import CoordinateError, DuplicateSiteError, InputError
 
 #: Mean Earth radius (IUGG), km.
 EARTH_RADIUS_KM = 6371.0088

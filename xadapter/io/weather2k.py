@@ -1,23 +1,16 @@
-"""NetCDF writing that never leaves a half-written file, and dataset readers.
+"""The Weather2K station archive as a labelled, lazy Dataset.
 
-* :func:`atomic_to_netcdf`: write a Dataset to a temporary file in the destination
-  folder and rename it into place only when the write succeeded.
-* :func:`read_weather2k`: the Weather2K station archive (a ``.npy`` array of shape
-  ``(station, 3 + variables, time)``: latitude, longitude and altitude rows followed by
-  20 hourly meteorological variables) as a labelled Dataset, memory-mapped and lazy.
+The archive is a ``.npy`` array of shape ``(station, 3 + variables, time)``: latitude,
+longitude and altitude rows followed by 20 hourly meteorological variables.
 """
 
 from __future__ import annotations
-
-import os
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import xarray as xr
 
-from .exceptions import InputError
+from ..exceptions import InputError
 
 #: Weather2K variables after the three position constants, with units.
 WEATHER2K_VARIABLES = (
@@ -42,35 +35,6 @@ WEATHER2K_VARIABLES = (
     ("hv2", "horizontal visibility in 10 min", "m"),
     ("vv", "vertical visibility", "m"),
 )
-
-
-def atomic_to_netcdf(dataset, path, **kwargs):
-    """Write ``dataset`` to ``path`` atomically.
-
-    The file is written next to the destination under a temporary name and renamed
-    over ``path`` (``os.replace``) only after a complete write, so an exception or an
-    interruption leaves no partial file and never clobbers an existing one.
-
-    Parameters
-    ----------
-    dataset : xarray.Dataset
-    path : str or os.PathLike
-    **kwargs
-        Passed to :meth:`xarray.Dataset.to_netcdf` (e.g. ``encoding``).
-    """
-    path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise InputError(f"cannot write {path}: folder {folder} does not exist.")
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    os.close(handle)
-    try:
-        dataset.to_netcdf(temporary, **kwargs)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
 
 
 def read_weather2k(path, variables=("t",), *, start="2017-01-01T00:00", freq="h", station_ids=None, chunks="auto"):
