@@ -1,3 +1,6 @@
+import os
+import stat
+
 import numpy as np
 import pytest
 import xarray as xr
@@ -87,3 +90,63 @@ def test_read_weather2k_errors(tmp_path):
     _weather2k_file(good)
     with pytest.raises(InputError, match="unknown Weather2K variables"):
         io.read_weather2k(good, variables=("temperature",))
+
+
+@pytest.fixture
+def umask():
+    """Set the process umask for one test and restore it afterwards."""
+    previous = os.umask(0o022)
+    os.umask(previous)
+
+    def set_umask(value):
+        os.umask(value)
+
+    yield set_umask
+    os.umask(previous)
+
+
+@pytest.mark.parametrize("mask, expected", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_atomic_write_honours_the_umask(tmp_path, umask, mask, expected):
+    umask(mask)
+    ds = xr.Dataset({"a": ("x", np.arange(3.0))})
+    io.atomic_to_netcdf(ds, tmp_path / "new.nc")
+    assert stat.S_IMODE(os.stat(tmp_path / "new.nc").st_mode) == expected
+    # the same as a file created the ordinary way
+    (tmp_path / "plain.txt").write_text("x")
+    assert stat.S_IMODE(os.stat(tmp_path / "plain.txt").st_mode) == expected
+
+
+def test_atomic_write_keeps_the_mode_of_the_file_it_replaces(tmp_path, umask):
+    umask(0o022)
+    target = tmp_path / "out.nc"
+    ds = xr.Dataset({"a": ("x", np.arange(3.0))})
+    io.atomic_to_netcdf(ds, target)
+    os.chmod(target, 0o640)
+    io.atomic_to_netcdf(ds, target)
+    assert stat.S_IMODE(os.stat(target).st_mode) == 0o640
+
+
+@pytest.mark.parametrize("proc_status", [True, False])
+def test_reading_the_umask_does_not_change_it(umask, monkeypatch, proc_status):
+    from xadapter.io import netcdf
+
+    if not proc_status:  # platforms without /proc: the set-and-restore fallback
+
+        def no_proc(*args, **kwargs):
+            raise FileNotFoundError("/proc/self/status")
+
+        monkeypatch.setattr(netcdf, "open", no_proc, raising=False)
+    umask(0o027)
+    assert netcdf._current_umask() == 0o027
+    assert os.umask(0o027) == 0o027
+
+
+@pytest.mark.parametrize("mask, expected", [(0o022, 0o644), (0o077, 0o600)])
+def test_adapter_file_honours_the_umask(tmp_path, umask, mask, expected):
+    from xadapter import SpatialAdapter, datasets
+
+    field = datasets.synthetic_field(30, n_stations=20, rank=2, noise_sd=0.5, seed=3)
+    adapter = SpatialAdapter(rank=2, fine_scale=None).fit(field["residual"])
+    umask(mask)
+    adapter.to_netcdf(tmp_path / "adapter.nc")
+    assert stat.S_IMODE(os.stat(tmp_path / "adapter.nc").st_mode) == expected

@@ -2,15 +2,67 @@
 
 :func:`atomic_to_netcdf` writes a Dataset to a temporary file in the destination
 folder and renames it into place only when the write succeeded.
+
+**Permissions.** ``tempfile.mkstemp`` creates its file with mode ``0600`` whatever the
+umask, and ``os.replace`` keeps that mode, so the temporary file is given, before the
+rename, the mode the destination would get from a plain ``open(path, "w")``:
+
+* a new destination: ``0666 & ~umask`` (like every other file the package writes,
+  e.g. the PNG maps);
+* an existing regular file: its current permission bits, so that replacing a file
+  the user made group-writable or private keeps it that way (as a text editor that
+  saves atomically does). Ownership is not copied (that needs privileges).
 """
 
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
+import threading
 from pathlib import Path
 
 from ..exceptions import InputError
+
+
+#: Mode requested by ``open``/``creat`` for a new file, before the umask.
+DEFAULT_FILE_MODE = 0o666
+
+# os.umask can only be read by setting it; the lock keeps two threads of this module
+# from interleaving a set/restore pair (other code can still race, see _current_umask).
+_UMASK_LOCK = threading.Lock()
+
+
+def _current_umask():
+    """The process umask, read without changing it where the platform allows.
+
+    Linux reports it in ``/proc/self/status`` (kernel 4.7 and later). Elsewhere the
+    only way is ``os.umask``, which sets a new value and returns the old: the value
+    set for that instant is the restrictive ``0o077``, so a file created by another
+    thread in that window is at worst private, never world-writable.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        umask = os.umask(0o077)
+        os.umask(umask)
+    return umask
+
+
+def _final_mode(path):
+    """Permission bits the file at ``path`` should end with (see the module docstring)."""
+    try:
+        existing = os.stat(path)
+    except FileNotFoundError:
+        existing = None
+    if existing is not None and stat.S_ISREG(existing.st_mode):
+        return stat.S_IMODE(existing.st_mode)
+    return DEFAULT_FILE_MODE & ~_current_umask()
 
 
 def atomic_to_netcdf(dataset, path, **kwargs):
@@ -18,7 +70,9 @@ def atomic_to_netcdf(dataset, path, **kwargs):
 
     The file is written next to the destination under a temporary name and renamed
     over ``path`` (``os.replace``) only after a complete write, so an exception or an
-    interruption leaves no partial file and never clobbers an existing one.
+    interruption leaves no partial file and never clobbers an existing one. The
+    written file gets the mode a normally created file would get: ``0666 & ~umask``,
+    or the permission bits of the file it replaces.
 
     Parameters
     ----------
@@ -35,6 +89,8 @@ def atomic_to_netcdf(dataset, path, **kwargs):
     os.close(handle)
     try:
         dataset.to_netcdf(temporary, **kwargs)
+        # after the write: the NetCDF library may recreate the file it is given
+        os.chmod(temporary, _final_mode(path))
         os.replace(temporary, path)
     except BaseException:
         if os.path.exists(temporary):
