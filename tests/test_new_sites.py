@@ -54,25 +54,3 @@ def test_kriging_unseen_sites_beats_first_stage_and_idw(split_field, fine_scale)
     latent = metrics.rmse(signal.isel(cell=held, time=slice(200, None)).values, mean)
     assert latent < 0.6
     assert 0.85 <= coverage <= 0.95
-
-
-def test_dask_input_is_never_silently_loaded(split_field):
-    da = pytest.importorskip("dask.array")
-    cells, _, held = split_field
-    train = cells.isel(cell=~held)
-    lazy = train.copy(data=da.from_array(train.values, chunks=(50, -1)))
-    with pytest.warns(UserWarning, match="loading the dask-backed residuals"):
-        adapter = SpatialAdapter(rank=4, fine_scale=None, site_folds=None).fit(lazy)
-    eager = SpatialAdapter(rank=4, fine_scale=None, site_folds=None).fit(train)
-    np.testing.assert_allclose(adapter.basis.values, eager.basis.values, atol=1e-10)
-
-
-def test_dask_input_too_large_is_refused(monkeypatch, split_field):
-    da = pytest.importorskip("dask.array")
-    from xadapter.labelled import model
-
-    cells, _, held = split_field
-    lazy = cells.copy(data=da.from_array(cells.values, chunks=(50, -1)))
-    monkeypatch.setattr(model, "MAX_LOAD_BYTES", 1000)
-    with pytest.raises(ValueError, match="dask array"):
-        SpatialAdapter(rank=4).fit(lazy)

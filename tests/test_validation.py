@@ -1,4 +1,4 @@
-"""Cross-validation over sites (xadapter.validation) against direct computations."""
+"""Cross-validation over sites (xadapter.engine.validation) against direct computations."""
 
 import numpy as np
 import pytest
@@ -7,17 +7,28 @@ from scipy.stats import norm
 from xadapter.engine import validation as val
 from xadapter.exceptions import InputError
 from xadapter.engine.finescale import FineScaleParams, krige_with_fine_scale
+from xadapter.engine.fitted import FittedModel
+from xadapter.engine.sites import Sites
 from xadapter.engine.kriging import krige
 from xadapter.engine.metrics import crps_gaussian
 
 Q90 = norm.ppf(0.95)
 
 
+def site_model(basis, rotation, eigenvalues, mean, noise_variance, planar, fine=None, fine_neighbors=30,
+               extension=None):
+    """A fitted model on planar sites (km) with the given arrays."""
+    return FittedModel(basis=basis, scores=np.zeros((1, basis.shape[1])), mean=mean, rotation=rotation,
+                       eigenvalues=eigenvalues, sample_eigenvalues=eigenvalues,
+                       low_rank_noise_variance=noise_variance, fine=fine, sites=Sites(False, xy_km=planar),
+                       fine_neighbors=fine_neighbors, extension=extension or {})
+
+
 # ------------------------------------------------------------------------------- fixtures
 
 
 def linear_model(fine=None, smoothing=0.0, n_sites=60, seed=0):
-    """A SiteModel whose basis columns and mean are linear in the planar coordinates.
+    """A fitted model whose basis columns and mean are linear in the planar coordinates.
 
     A thin-plate spline (smoothed or not) reproduces linear functions exactly, so the
     basis and mean re-extended to held-out sites equal their true rows.
@@ -28,11 +39,8 @@ def linear_model(fine=None, smoothing=0.0, n_sites=60, seed=0):
     basis, _ = np.linalg.qr(design)  # orthonormal columns, still linear in x, y
     rotation, _ = np.linalg.qr(rng.standard_normal((3, 3)))
     mean = 2.0 + 0.004 * planar[:, 0] - 0.002 * planar[:, 1]
-    model = val.SiteModel(
-        basis=basis, rotation=rotation, eigenvalues=np.array([30.0, 8.0, 0.0]), mean=mean,
-        noise_variance=0.6, planar=planar, graph_coords=planar, geographic=False, fine=fine,
-        fine_neighbors=12, extension={"method": "global", "neighbors": 50, "smoothing": smoothing},
-    )
+    model = site_model(basis, rotation, np.array([30.0, 8.0, 0.0]), mean, 0.6, planar, fine=fine,
+                       fine_neighbors=12, extension={"method": "global", "neighbors": 50, "smoothing": smoothing})
     loadings = basis @ rotation
     scores = rng.standard_normal((25, 3)) * np.sqrt([30.0, 8.0, 0.5])
     data = mean + scores @ loadings.T + 0.8 * rng.standard_normal((25, n_sites))
@@ -261,14 +269,13 @@ def test_coverage_by_distance_when_every_site_is_equally_far():
 
 
 def test_site_model_cross_validation_is_calibrated_when_the_model_is_true():
-    """Data drawn from the SiteModel itself, exact extension: z-scores are standard normal."""
+    """Data drawn from the model itself, exact extension: z-scores are standard normal."""
     rng = np.random.default_rng(11)
     n_sites, n_times = 200, 150
     planar = rng.uniform(0.0, 1000.0, (n_sites, 2))
     basis, _ = np.linalg.qr(np.column_stack([np.ones(n_sites), planar / 1000.0]))
-    model = val.SiteModel(basis=basis, rotation=np.eye(3), eigenvalues=np.array([20.0, 5.0, 1.0]),
-                          mean=np.zeros(n_sites), noise_variance=0.5, planar=planar, graph_coords=planar,
-                          geographic=False, extension={"method": "global", "smoothing": 0.0})
+    model = site_model(basis, np.eye(3), np.array([20.0, 5.0, 1.0]), np.zeros(n_sites), 0.5, planar,
+                       extension={"method": "global", "smoothing": 0.0})
     scores = rng.standard_normal((n_times, 3)) * np.sqrt([20.0, 5.0, 1.0])
     data = scores @ basis.T + np.sqrt(0.5) * rng.standard_normal((n_times, n_sites))
     cv = val.cross_validate_sites(model, data, val.site_folds(n_sites, 5))

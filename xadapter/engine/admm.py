@@ -93,6 +93,7 @@ import numpy as np
 
 from .basis import solve_basis, subspace_distance
 from .checks import nonnegative as _nonnegative
+from .chunks import compute, is_lazy
 from ..exceptions import InputError
 from .trend import RidgeTrend, as_covariates
 
@@ -430,7 +431,12 @@ def fit_adapter(data, rank, *, omega=None, tau1=0.0, tau2=0.0, covariates=None, 
         The stopping rule was not met within ``max_iter`` iterations (the result is
         the last iterate; ``converged`` is False).
     """
-    data, observed = _check_data(data)
+    if is_lazy(data):
+        # dask data reach the loop only complete and without a trend (the pipeline loads
+        # the others): the exact path streams over the time chunks
+        observed = None
+    else:
+        data, observed = _check_data(data)
     n_times, n_sites = data.shape
     if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or not 1 <= rank < n_sites:
         raise InputError(f"rank must be an integer with 1 <= rank < number of sites ({n_sites}), got {rank!r}.")
@@ -508,14 +514,20 @@ def fit_adapter(data, rank, *, omega=None, tau1=0.0, tau2=0.0, covariates=None, 
 
 
 def _exact_fit(data, settings, init):
-    """No trend, no missing entry: ``Z = R`` and one exact Phi-step."""
+    """No trend, no missing entry: ``Z = R`` and one exact Phi-step.
+
+    On dask data ``filled`` stays the lazy input and the scores, mean and objective
+    come from one pass over its time chunks.
+    """
     basis = settings.solve(data, init=init)
-    mean = data.mean(axis=0)
+    # the mean first: a graph that needs it and then every chunk again would hold all chunks
+    (mean,) = compute(data.mean(axis=0))
     centred = data - mean
-    scores = centred @ basis
-    objective = float(np.sum(centred**2) - np.sum(scores**2)) + settings.penalty(basis)
+    scores, total = compute(centred @ basis, np.sum(centred**2))
+    objective = float(total - np.sum(scores**2)) + settings.penalty(basis)
     history = {"iteration": np.array([0], dtype=np.int64), "primal_residual": np.zeros(1),
                "dual_residual": np.zeros(1), "basis_change": np.zeros(1), "objective": np.array([objective])}
-    return AdapterFit(basis=basis, scores=scores, mean=mean, filled=np.array(data, dtype=np.float64),
+    filled = data if is_lazy(data) else np.array(data, dtype=np.float64)
+    return AdapterFit(basis=basis, scores=scores, mean=mean, filled=filled,
                       trend_coef=None, history=history, converged=True, n_iter=0, skipped_loop=True,
                       rho=settings.rho)

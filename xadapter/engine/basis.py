@@ -49,6 +49,7 @@ import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
 from .checks import nonnegative
+from .chunks import time_blocks
 from ..exceptions import InputError, ProblemTooLargeError
 
 #: ``method="auto"`` with an active penalty uses the dense eigensolver up to this many
@@ -65,6 +66,15 @@ DENSE_MAX_SITES = 20000
 #: The dual path forms the ``T x T`` Gram matrix ``Dc Dc^T`` up to this many time
 #: steps (72 MB); above, it applies ``Dc Dc^T`` as an operator.
 DUAL_GRAM_MAX_TIMES = 3000
+
+#: Dask-backed data: up to this many sites the space Gram matrix ``Dc^T Dc`` (N x N,
+#: 200 MB at the limit) is accumulated in one pass over the time chunks and diagonalised
+#: densely; above, the block solver applies ``Dc^T (Dc V)`` one pass per iteration.
+LAZY_GRAM_MAX_SITES = 5000
+
+#: Iterations of the block eigensolver on dask-backed data above
+#: :data:`LAZY_GRAM_MAX_SITES` (one pass over the data each).
+LAZY_BLOCK_MAX_ITER = 200
 
 #: Time steps (dual) at or below which the small Gram matrix is diagonalised by LAPACK
 #: rather than by Lanczos.
@@ -188,12 +198,26 @@ class _CentredData:
         """``Dc^T w``: (T,) -> (N,) or (T, k) -> (N, k)."""
         return _materialise(self.data.T @ w) - np.multiply.outer(self.mean, np.sum(w, axis=0))
 
+    def gram_times(self, v):
+        """``Dc^T (Dc v)``; on dask data one pass over the time chunks."""
+        if _is_lazy(self.data):
+            centred = self.data - self.mean
+            return _materialise(centred.T @ (centred @ v))
+        return self.rtimes(self.times(v))
+
     def _block(self, rows=slice(None), cols=slice(None)):
         block = _materialise(self.data[rows, cols])
         return block - self.mean[cols]
 
     def gram_space(self):
-        """``Dc^T Dc`` (N x N), accumulated over blocks of time rows."""
+        """``Dc^T Dc`` (N x N), accumulated over blocks of time rows (dask: its chunks)."""
+        if _is_lazy(self.data):
+            # folded chunk by chunk into one accumulator (symmetric rank-k updates in place)
+            gram = np.zeros((self.n_sites, self.n_sites), order="F")
+            for block in time_blocks(self.data - self.mean):
+                gram = sla.blas.dsyrk(1.0, np.asarray(block, dtype=np.float64), beta=1.0, c=gram, trans=1,
+                                      overwrite_c=1)
+            return _mirror_upper(gram)
         step = max(1, _CHUNK_BYTES // (8 * self.n_sites))
         gram = np.zeros((self.n_sites, self.n_sites))
         for start in range(0, self.n_times, step):
@@ -209,6 +233,16 @@ class _CentredData:
             block = self._block(cols=slice(start, start + step))
             gram += block @ block.T
         return gram
+
+
+def _mirror_upper(matrix, step=512):
+    """Copy the upper triangle of a square matrix onto its lower triangle, in place."""
+    for start in range(0, matrix.shape[0], step):
+        stop = start + step
+        matrix[stop:, start:stop] = matrix[start:stop, stop:].T
+        block = matrix[start:stop, start:stop]
+        block[np.tril_indices_from(block, -1)] = block.T[np.tril_indices_from(block, -1)]
+    return matrix
 
 
 class _Objective:
@@ -231,7 +265,7 @@ class _Objective:
 
     def __call__(self, v):
         self.n_applied += 1 if v.ndim == 1 else v.shape[1]
-        out = self.ops.rtimes(self.ops.times(v))
+        out = self.ops.gram_times(v)
         if self.omega is not None:
             out -= self.penalty(v)
         return out
@@ -402,6 +436,28 @@ def _top_lanczos(objective, rank, init, tol, max_iter):
     start = objective.n_applied
     vectors, converged = _lanczos(objective, n, rank, _start_vector(n, init), tol, max_iter)
     return vectors, {"solver": "lanczos", "iterations": objective.n_applied - start, "converged": converged}
+
+
+def _top_block(objective, rank, init, tol, max_iter):
+    """Top eigenvectors by LOBPCG on blocks: one pass over (dask) data per iteration.
+
+    Lanczos applies the operator one vector at a time, a pass over the data each; the
+    block method applies it to ``rank`` (plus guard) vectors per pass.
+    """
+    n = objective.ops.n_sites
+    width = min(n - 1, rank + max(2, rank // 2))
+    start = np.random.default_rng(0).standard_normal((n, width))
+    if init is not None:
+        start[:, :rank] = init + 1e-3 * start[:, :rank]
+    before = objective.n_applied
+    linop = spla.LinearOperator((n, n), matvec=objective, matmat=objective, dtype=np.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # lobpcg reports its own tolerance misses
+        values, vectors = spla.lobpcg(linop, start, largest=True, tol=tol or 1e-9,
+                                      maxiter=max_iter or LAZY_BLOCK_MAX_ITER)
+    order = np.argsort(values)[::-1][:rank]
+    info = {"solver": "block", "iterations": objective.n_applied - before, "converged": True}
+    return vectors[:, order], info
 
 
 def _rayleigh_ritz(objective, subspace):
@@ -773,19 +829,25 @@ def _use_dense(method, objective, n_sites):
         return True
     if method == "matrix-free":
         return False
+    if _is_lazy(objective.ops.data):
+        return n_sites <= LAZY_GRAM_MAX_SITES
     return n_sites <= AUTO_DENSE_MAX_SITES
 
 
 def _smooth_basis(objective, rank, init, method, dense, tol, max_iter):
     """Exact top eigenvectors of ``A`` (the ``tau2 = 0`` solution)."""
     ops = objective.ops
-    dual = (not objective.penalised and ops.n_times < ops.n_sites
+    lazy = _is_lazy(ops.data)
+    # the dual T x T Gram pairs every time chunk with every other: not on dask data
+    dual = (not objective.penalised and ops.n_times < ops.n_sites and not lazy
             and rank <= ops.n_times - 1 - int(ops.center) and method != "dense")
     subspace = None
     if dual:
         subspace, info = _top_dual(ops, rank, init, tol, max_iter)
     if subspace is None and dense:
         subspace, info = _top_dense(objective, rank)
+    elif subspace is None and lazy:
+        subspace, info = _top_block(objective, rank, init, tol, max_iter)
     elif subspace is None:
         subspace, info = _top_lanczos(objective, rank, init, tol, max_iter)
     return _rayleigh_ritz(objective, subspace), info

@@ -75,11 +75,13 @@ persistent noise when ``T < N`` (they are its smoothest temporal modes).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 
 from .checks import nonnegative
+from .chunks import compute, is_lazy
 from ..exceptions import InputError, ProblemTooLargeError
 
 #: Default number of Tracy-Widom scale units added to the Johnstone centring.
@@ -148,6 +150,11 @@ class LowRankCovariance:
     def rank(self):
         """Nominal rank ``K`` (an upper bound on the effective rank)."""
         return self.eigenvalues.shape[0]
+
+    def with_eigenvalues(self, eigenvalues):
+        """The same covariance with other thresholded eigenvalues (e.g. a rank cut by CV)."""
+        eigenvalues = np.asarray(eigenvalues, dtype=np.float64)
+        return dataclasses.replace(self, eigenvalues=eigenvalues, effective_rank=int((eigenvalues > 0).sum()))
 
     def loadings(self, basis):
         """Covariance eigenvectors ``B = Phi V`` on the sites.
@@ -349,9 +356,20 @@ def low_rank_plus_noise(
     if not np.isfinite(tw_units):
         raise InputError(f"tw_units must be a finite number, got {tw_units!r}.")
 
-    centred = data - data.mean(axis=0) if center else data
-    scores = centred @ basis
-    total_variance = float(np.vdot(centred, centred)) / n_times
+    if is_lazy(data):
+        # the mean first: a graph that needs it and then every chunk again would hold all chunks
+        centred = data - compute(data.mean(axis=0))[0] if center else data
+        # one pass over the time chunks: scores, tr(S) and the lag-1 product
+        scores, total, lag_one, finite = compute(
+            centred @ basis, (centred**2).sum(), (centred[1:] * centred[:-1]).sum(), np.isfinite(data).all())
+        _check_finite(bool(finite))
+        data_autocovariance = np.array([float(total), float(lag_one)])
+    else:
+        centred = data - data.mean(axis=0) if center else data
+        scores = centred @ basis
+        data_autocovariance = None
+        total = np.vdot(centred, centred)
+    total_variance = float(total) / n_times
     sample_eigenvalues, rotation = _projected_spectrum(scores, n_times)
 
     common = dict(
@@ -373,9 +391,11 @@ def low_rank_plus_noise(
         rank, edge = _calibrated_rank(sample_eigenvalues, total_variance, n_sites, n_dof,
                                       n_eff * n_dof / n_times, tw_units)
     else:
+        if data_autocovariance is None:
+            data_autocovariance = _pooled_autocovariance(centred, 1)
         rank, edge, n_eff = _calibrated_rank_with_n_eff(
             sample_eigenvalues, total_variance, n_sites, n_dof, tw_units,
-            centred, scores @ rotation, center,
+            data_autocovariance, scores @ rotation, center, n_times,
         )
     noise_variance = _trailing_noise_variance(sample_eigenvalues, total_variance, n_sites, rank)
     eigenvalues = np.zeros_like(sample_eigenvalues)
@@ -430,14 +450,12 @@ def _calibrated_rank(sample_eigenvalues, total_variance, n_sites, n_dof, n_dof_e
 
 
 def _calibrated_rank_with_n_eff(sample_eigenvalues, total_variance, n_sites, n_dof, tw_units,
-                                centred, rotated_scores, center):
+                                data_autocovariance, rotated_scores, center, n_times):
     """Noise-calibrated rank with ``n_eff`` re-estimated outside the accepted components.
 
     Starts from the whole data (rank 0 accepted) and repeats until the rank is stable;
     a rank that drops ends the search (the stricter answer).
     """
-    n_times = centred.shape[0]
-    data_autocovariance = _pooled_autocovariance(centred, 1)
     component_autocovariance = np.array(
         [_pooled_autocovariance(rotated_scores[:, [k]], 1) for k in range(rotated_scores.shape[1])]
     )
@@ -532,7 +550,8 @@ def _check_basis(basis):
 
 
 def _check_data(data, n_sites):
-    data = np.asarray(data, dtype=np.float64)
+    lazy = is_lazy(data)
+    data = data.astype(np.float64) if lazy else np.asarray(data, dtype=np.float64)
     if data.ndim != 2:
         raise InputError(f"data must be a 2-D array (time, sites), got shape {data.shape}.")
     if data.shape[1] != n_sites:
@@ -542,6 +561,8 @@ def _check_data(data, n_sites):
         )
     if data.shape[0] < 3:
         raise InputError(f"data has {data.shape[0]} time steps; at least 3 are needed.")
+    if lazy:
+        return data  # checked in the pass that computes the statistics
     finite = np.isfinite(data)
     if not finite.all():
         n_nan = int(np.isnan(data).sum())
@@ -551,6 +572,12 @@ def _check_data(data, n_sites):
             "complete data: fill missing entries first (e.g. with the fitted reconstruction)."
         )
     return data
+
+
+def _check_finite(finite):
+    if not finite:
+        raise InputError("data contain NaN or infinite values; the covariance needs complete data: fill "
+                         "missing entries first (e.g. with the fitted reconstruction).")
 
 
 def _check_gamma(gamma):

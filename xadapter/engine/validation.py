@@ -38,43 +38,6 @@ RATIO_PRIOR_COUNT = 50.0
 RATIO_NEIGHBOURS = 8
 
 
-@dataclass
-class SiteModel:
-    """What kriging at new sites needs, as plain arrays.
-
-    Attributes
-    ----------
-    basis : ndarray (N, K)
-    rotation : ndarray (K, K)
-    eigenvalues : ndarray (K,)
-        Thresholded; zeros are ignored.
-    mean : ndarray (N,)
-    noise_variance : float
-        White-noise variance of the low-rank kriging (no fine scale).
-    planar : ndarray (N, d)
-        Planar km coordinates for the extension.
-    graph_coords : ndarray (N, d)
-        Coordinates for the fine-scale neighbours (``[lat, lon]`` when geographic).
-    geographic : bool
-    fine : FineScaleParams or None
-    fine_neighbors : int
-    extension : dict
-        ``method``, ``neighbors``, ``smoothing`` of :func:`xadapter.extend.extend_basis`.
-    """
-
-    basis: np.ndarray
-    rotation: np.ndarray
-    eigenvalues: np.ndarray
-    mean: np.ndarray
-    noise_variance: float
-    planar: np.ndarray
-    graph_coords: np.ndarray
-    geographic: bool
-    fine: object = None
-    fine_neighbors: int = 30
-    extension: dict = None
-
-
 def site_folds(n_sites, n_folds=5, seed=0):
     """Random partition of site indices into ``n_folds`` folds of near-equal size."""
     if n_folds < 2 or n_folds > n_sites:
@@ -97,7 +60,8 @@ def krige_held_out(model, data, kept, held, include_noise=True, extended=None):
 
     Parameters
     ----------
-    model : SiteModel
+    model : FittedModel
+        The fitted model (:class:`xadapter.engine.fitted.FittedModel`).
     data : ndarray (T, N)
         Centred nowhere: raw residuals (minus trend), NaN where unobserved.
     kept, held : ndarray of int
@@ -163,7 +127,8 @@ def cross_validate_sites(model, data, folds, *, level=0.9, times=None, extension
 
     Parameters
     ----------
-    model : SiteModel
+    model : FittedModel
+        The fitted model (:class:`xadapter.engine.fitted.FittedModel`).
     data : ndarray (T, N)
         Training residuals (minus trend), NaN where missing.
     folds : list of ndarray of int

@@ -3,12 +3,14 @@
 Coordinates are detected by a small table of rules (names, CF ``standard_name``,
 ``units``), with explicit overrides ``time_dim=`` and ``space_dims=``. Gridded data
 (``lat``/``lon`` dims in any order) is stacked to one ``space`` dim; station data keeps
-its own dim. This module owns labels only; no maths happens here.
+its own dim. This module owns labels and is the one place that stacks and unstacks them; no maths
+happens here.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import xarray as xr
 
 from ..exceptions import InputError, MissingCoordinateError
@@ -174,3 +176,127 @@ def target_sites(at, *, what="targets"):
     stacked, dim = stack_space(template, dims)
     sites = site_coordinates(stacked, dim, dims, allow_duplicates=True, what=what)
     return stacked, sites
+
+
+# ----------------------------------------------------------------------------- stacking
+
+
+def stack_order(stacked, site_dim, space_dims):
+    """The space dims in the order they were stacked (the MultiIndex levels)."""
+    index = stacked.indexes.get(site_dim)
+    if index is not None and hasattr(index, "levels"):
+        return tuple(index.names)
+    return tuple(space_dims)
+
+
+def stacked_index(stacked, dim, space_dims):
+    """The site labels of ``stacked`` along ``dim`` as a (Multi)Index over ``space_dims``."""
+    if len(space_dims) == 1:
+        return pd.Index(stacked[dim].values)
+    index = stacked.indexes[dim]
+    return pd.MultiIndex.from_arrays([index.get_level_values(d) for d in space_dims])
+
+
+def site_coords(stacked, site_dim):
+    """Coordinates along the site dim, with a stacked MultiIndex flattened to variables."""
+    obj = stacked
+    if site_dim in obj.indexes and hasattr(obj.indexes[site_dim], "levels"):
+        obj = obj.reset_index(site_dim)
+    coords = {}
+    for name, coord in obj.coords.items():
+        if coord.dims == (site_dim,):
+            coords[name] = (site_dim, coord.values, coord.attrs)
+    if site_dim not in coords:
+        coords[site_dim] = np.arange(stacked.sizes[site_dim])
+    return coords
+
+
+def unstack(obj, site_dim, space_dims):
+    """Unstack the site dim of ``obj`` back to ``space_dims`` (no-op for stations)."""
+    if len(space_dims) == 1 or site_dim not in obj.dims:
+        return obj
+    order = []
+    for dim in obj.dims:
+        order.extend(space_dims if dim == site_dim else [dim])
+    return obj.set_index({site_dim: list(space_dims)}).unstack(site_dim).transpose(*order)
+
+
+def align_to_sites(obj, fitted_index, site_dim, space_dims, time_dim, *, what="observed"):
+    """Stack ``obj`` and put its sites in the fitted order, NaN for fitted sites it lacks.
+
+    Stays lazy on dask-backed input. Returns a ``(time, site_dim)`` DataArray whose site
+    coordinate is the fitted position.
+    """
+    missing = [d for d in space_dims if d not in obj.dims]
+    if missing:
+        raise InputError(
+            f"{what} lacks the fitted space dims {missing} (dims: {tuple(obj.dims)}); "
+            "give observations on the fitted sites (NaN where unobserved)."
+        )
+    stacked, dim = stack_space(obj, space_dims)
+    stacked = stacked.transpose(time_dim, dim)
+    given_index = stacked_index(stacked, dim, space_dims)
+    positions = fitted_index.get_indexer(given_index)
+    if np.any(positions < 0):
+        unknown = [_plain(given_index[i]) for i in np.flatnonzero(positions < 0)[:5]]
+        raise InputError(
+            f"{what} has sites that the adapter was not fitted on, e.g. {unknown}; "
+            "krige new locations with at=... and give observations on fitted sites only."
+        )
+    plain = xr.DataArray(stacked.data, dims=(time_dim, site_dim),
+                         coords={time_dim: stacked[time_dim].values, site_dim: positions}, attrs=obj.attrs)
+    if len(positions) == len(fitted_index) and np.array_equal(positions, np.arange(len(positions))):
+        return plain
+    return plain.reindex({site_dim: np.arange(len(fitted_index))})
+
+
+def _plain(value):
+    if isinstance(value, tuple):
+        return tuple(_plain(v) for v in value)
+    return value.item() if hasattr(value, "item") else value
+
+
+def covariate_array(covariates, stacked, time_dim, site_dim, space_dims, *, what="residuals"):
+    """Covariates as (T, N, p), (T, p) or (N, p) numpy aligned with ``stacked``.
+
+    Returns ``(feature values, array)``, or ``(None, None)`` without covariates.
+    ``what`` names the data the covariates must cover, for the messages.
+    """
+    if covariates is None:
+        return None, None
+    if not isinstance(covariates, xr.DataArray):
+        raise InputError(f"covariates must be an xarray.DataArray, got {type(covariates).__name__}.")
+    if "feature" not in covariates.dims:
+        raise InputError(f"covariates need a 'feature' dim (dims: {tuple(covariates.dims)}).")
+    has_time = time_dim in covariates.dims
+    has_space = all(d in covariates.dims for d in space_dims)
+    if has_time:
+        if time_dim in covariates.indexes:
+            covariates = covariates.sel({time_dim: stacked[time_dim].values})
+        if covariates.sizes[time_dim] != stacked.sizes[time_dim]:
+            raise InputError(f"covariates do not cover the times of the {what}.")
+    if has_space:
+        cov_stacked, dim = stack_space(covariates, space_dims)
+        index = stacked_index(cov_stacked, dim, space_dims)
+        wanted = stacked_index(stacked, site_dim, space_dims) if site_dim in stacked.indexes else None
+        if wanted is not None:
+            positions = index.get_indexer(wanted)
+            if np.any(positions < 0):
+                raise InputError(f"covariates do not cover every site of the {what} (matched by space labels).")
+            cov_stacked = cov_stacked.isel({dim: positions})
+        order = ((time_dim,) if has_time else ()) + (dim, "feature")
+        array = np.asarray(cov_stacked.transpose(*order).values, dtype=np.float64)
+    elif has_time:
+        array = np.asarray(covariates.transpose(time_dim, "feature").values, dtype=np.float64)
+    else:
+        raise InputError("covariates must vary along time, space or both (besides 'feature').")
+    n_times, n_sites = stacked.sizes[time_dim], stacked.sizes[site_dim]
+    if array.ndim == 2 and n_times == n_sites:
+        # (T, p) and (N, p) cannot be told apart by shape when T == N: broadcast explicitly
+        array = np.broadcast_to(array[:, None, :] if has_time else array[None, :, :],
+                                (n_times, n_sites, array.shape[-1])).copy()
+    if "feature" in covariates.coords:
+        features = [_plain(f) for f in covariates["feature"].values]
+    else:
+        features = list(range(covariates.sizes["feature"]))
+    return features, array

@@ -1,0 +1,498 @@
+"""The engine's one seam: :func:`fit` and :func:`krige` on ``(time, site)`` arrays.
+
+Everything a fit runs is called from here, in this order (DESIGN section 1):
+
+1. the smoothness penalty of the sites (only when ``tau1`` is active);
+2. the three-block ADMM (:func:`xadapter.engine.admm.fit_adapter`): basis, scores,
+   site mean, residual trend, gaps filled;
+3. the low-rank-plus-noise covariance with its spectral rank rule, honest about gaps
+   (:func:`fit_covariance`);
+4. the fine-scale covariance of the remainder beyond the kept rank
+   (:func:`fit_fine_scale_of`);
+5. the rank/smoothness search (``rank="auto"``, ``tau1="cv"``), which re-enters steps
+   2-4 on time blocks and scores candidates by cross-validation over sites;
+6. the cross-validation over sites of the final model (calibration at new sites).
+
+The input is a numpy or dask array of shape ``(T, N)``, chunked along time only
+(sites whole in a chunk). Every statistic a step needs is a reduction over time (Gram
+or operator products, ``tr(S)``, ``Phi^T S Phi``, lag-1 products) or a computation on
+a bounded subsample of times (the variogram, the site cross-validation), so a dask
+array is never loaded whole on the paths that need no per-entry state (no gaps and
+no trend). With gaps or a trend the ADMM keeps per-entry state and the array is loaded.
+
+:func:`krige` maps the Woodbury/fine-scale kriging over time chunks; on dask input its
+outputs are dask arrays chunked like the input.
+
+Nothing here knows xarray: the labelled face (:mod:`xadapter.labelled.model`) turns
+labels into these arrays and the :class:`~xadapter.engine.fitted.FittedModel` back
+into labels.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+from ..exceptions import InputError
+from . import chunks
+from .admm import fit_adapter
+from .covariance import low_rank_plus_noise
+from .extend import extend_basis
+from .finescale import fit_fine_scale, krige_with_fine_scale
+from .fitted import Calibration, FittedModel
+from .kriging import KrigingResult
+from .kriging import krige as krige_low_rank
+from .penalty import build_penalty
+from .trend import as_covariates, evaluate_trend
+from .validation import (
+    coverage_by_distance,
+    cross_validate_sites,
+    evenly_spaced_times,
+    extend_to_held_out,
+    site_folds,
+    variance_ratio_at,
+)
+
+#: Rounds of refilling the gaps before the spectral rule (see :func:`fit_covariance`).
+GAP_REFILL_ROUNDS = 8
+
+#: The fine scale is refitted on lags up to this many first-pass ranges.
+FINE_FIT_RANGES = 5.0
+
+#: Time steps (evenly spaced) whose remainders enter the pooled variogram. The
+#: variogram pools squared differences over pairs and times; 500 fields of sampled
+#: pairs pin it down far below the scatter between bins.
+FINE_MAX_TIMES = 500
+
+#: Largest nominal rank tried by ``rank="auto"``.
+AUTO_MAX_RANK = 20
+
+#: Multipliers of the largest eigenvalue of ``Dc^T Dc`` tried by ``tau1="cv"`` (plus 0).
+#: The penalty is normalised to a largest eigenvalue of 1 while smooth patterns have
+#: roughness far below 1, so the penalty starts to matter only near and above the
+#: data's leading eigenvalue.
+TAU1_CV_FACTORS = (0.01, 0.1, 1.0, 10.0, 100.0)
+
+
+# ---------------------------------------------------------------------------- fit
+
+
+def nominal_rank(settings, n_times, n_sites):
+    """The nominal rank ``K`` a fit uses: ``settings.rank``, or the cap of ``"auto"``."""
+    if settings.rank == "auto":
+        return min(AUTO_MAX_RANK, n_sites - 1, n_times - 2)
+    return settings.rank
+
+
+def fit(data, sites, settings, covariates=None, *, site_names=None):
+    """Fit a spatial adapter on residuals ``(T, N)``.
+
+    Parameters
+    ----------
+    data : ndarray or dask array, shape (T, N)
+        Residuals of the first stage, NaN where missing; dask arrays chunked along time.
+    sites : Sites
+        Coordinates of the ``N`` sites.
+    settings : Settings
+        Validated parameters.
+    covariates : ndarray, optional
+        Trend covariates ``(T, N, p)``, ``(T, p)`` or ``(N, p)``.
+    site_names : sequence, optional
+        Labels of the sites, used in error messages only.
+
+    Returns
+    -------
+    FittedModel
+    """
+    data = chunks.as_float_array(data)
+    n_times, n_sites = data.shape
+    if sites.size != n_sites:
+        raise InputError(f"sites has {sites.size} entries but the data have {n_sites} columns (sites).")
+    rank = nominal_rank(settings, n_times, n_sites)
+    missing = check_data(data, rank, site_names)
+    if covariates is not None:
+        covariates = as_covariates(covariates, n_times, n_sites)
+    if missing and chunks.is_lazy(data):
+        # per-entry ADMM state (the filled field, Z, U) lives in memory
+        data = chunks.materialise(data)
+    omega = _penalty(sites, settings)
+    run = _Run(data, sites, settings, covariates, omega, rank, missing)
+    if settings.searching:
+        core, covariance, fine, selection = run.search()
+    else:
+        core = run.fit_core(data, covariates, float(settings.tau1))
+        covariance = run.covariance(data, core)
+        fine = run.fine_scale(data, core, covariance)
+        selection = None
+    model = _fitted(core, covariance, fine, sites, settings, selection)
+    calibration = run.calibrate(data, core, model)
+    return model if calibration is None else model.replace(calibration=calibration)
+
+
+def check_data(data, rank, site_names=None):
+    """Checks every fit needs, in one pass over the data; returns whether any entry is missing."""
+    n_times, n_sites = data.shape
+    if n_times < 3:
+        raise InputError(f"need at least 3 time steps to fit an adapter, got {n_times}.")
+    if rank >= n_sites:
+        raise InputError(f"rank={rank} must be smaller than the number of sites ({n_sites}); lower rank.")
+    missing = np.isnan(data)
+    any_infinite, empty, any_missing = chunks.compute(np.isinf(data).any(), missing.all(axis=0), missing.any())
+    if any_infinite:
+        raise InputError("residuals contain infinite values; replace them with NaN (missing) or fix them.")
+    empty = np.flatnonzero(empty)
+    if empty.size:
+        labels = [_plain(site_names[i]) if site_names is not None else int(i) for i in empty[:5]]
+        raise InputError(
+            f"site(s) {labels} have no observation at any time (all NaN); drop them before fitting "
+            f"({empty.size} in all)."
+        )
+    return bool(any_missing)
+
+
+def _plain(value):
+    return value.item() if hasattr(value, "item") else value
+
+
+def _penalty(sites, settings):
+    if settings.tau1 != "cv" and float(settings.tau1) == 0.0:
+        return None
+    kind = settings.penalty
+    if kind == "auto":
+        kind = "tps" if sites.size <= 1000 else "graph"
+    if kind == "tps":
+        return build_penalty(sites.planar_km(), "tps")
+    coords, geographic = sites.graph_coords()
+    return build_penalty(coords, "graph", k=settings.neighbors, order=settings.penalty_order,
+                         geographic=geographic)
+
+
+def _fitted(core, covariance, fine, sites, settings, selection=None, eigenvalues=None):
+    """The :class:`FittedModel` of one fit (``eigenvalues`` overrides the spectral rule's)."""
+    return FittedModel(
+        basis=core.basis, scores=chunks.materialise(core.scores), mean=chunks.materialise(core.mean),
+        rotation=np.asarray(covariance.rotation),
+        eigenvalues=np.asarray(covariance.eigenvalues if eigenvalues is None else eigenvalues, dtype=np.float64),
+        sample_eigenvalues=np.asarray(covariance.sample_eigenvalues),
+        low_rank_noise_variance=float(covariance.noise_variance), fine=fine, sites=sites,
+        trend_coefficients=None if core.trend_coef is None else np.asarray(core.trend_coef),
+        n_eff=covariance.n_eff, history=core.history, converged=bool(core.converged), n_iter=int(core.n_iter),
+        skipped_loop=bool(core.skipped_loop), selection=selection, fine_neighbors=settings.fine_neighbors,
+        extension=settings.extension_options,
+    )
+
+
+class _Run:
+    """One fit's fixed inputs, so that the search can re-enter the same steps."""
+
+    def __init__(self, data, sites, settings, covariates, omega, rank, missing):
+        self.data = data
+        self.sites = sites
+        self.settings = settings
+        self.covariates = covariates
+        self.omega = omega
+        self.rank = rank
+        self.missing = missing
+
+    def report(self, message):
+        if self.settings.progress:
+            print(f"xadapter: {message}", file=sys.stderr, flush=True)
+
+    # -- steps 2-4
+    def fit_core(self, data, covariates, tau1, init=None):
+        s = self.settings
+        return fit_adapter(
+            data, self.rank, omega=self.omega, tau1=tau1, tau2=s.tau2, covariates=covariates, ridge=s.ridge,
+            rho=s.rho, batch_size=s.batch_size, phi_every=s.phi_every, phi_freeze=s.phi_freeze,
+            momentum=s.momentum, min_iter=s.min_iter, max_iter=s.max_iter, tol_rel=s.tol, seed=s.seed,
+            init=init, progress=s.progress,
+        )
+
+    def covariance(self, data, core):
+        return fit_covariance(data, core, self.settings.gamma, self.settings.seed)
+
+    def fine_scale(self, data, core, covariance, eigenvalues=None):
+        if self.settings.fine_scale is None:
+            return None
+        return fit_fine_scale_of(data, core, covariance, self.sites, self.settings.fine_scale,
+                                 seed=self.settings.seed, eigenvalues=eigenvalues)
+
+    def folds(self):
+        n_sites = self.data.shape[1]
+        return site_folds(n_sites, min(int(self.settings.site_folds), n_sites), seed=self.settings.seed)
+
+    # -- step 5
+    def search(self):
+        """Choose tau1 and/or the effective rank on held-out sites x held-out times (CRPS).
+
+        Times are split into ``cv_time_blocks`` contiguous blocks; for each block the
+        adapter is fitted on the other times and every candidate kriges the block's
+        times at held-out sites (cross-validation over sites, with the basis and mean
+        re-extended), from the other sites' observations. The chosen setting is
+        refitted on all times.
+        """
+        s, data, covariates = self.settings, self.data, self.covariates
+        n_times, n_sites = data.shape
+        rank = self.rank
+        base = self.fit_core(data, covariates, 0.0)
+        if s.tau1 == "cv":
+            centred = base.filled - base.mean
+            top = chunks.top_singular_value(centred) ** 2
+            tau1_grid = [0.0] + [float(f * top) for f in TAU1_CV_FACTORS]
+        else:
+            tau1_grid = [float(s.tau1)]
+        ranks = range(0, rank + 1) if s.rank == "auto" else [None]
+        blocks = time_blocks(data, s.cv_time_blocks or 1)
+        folds = self.folds()
+        everything = np.arange(n_sites)
+        totals = {}
+        for tau1 in tau1_grid:
+            for number, block in enumerate(blocks):
+                if block is None:
+                    train_data, train_covariates = data, covariates
+                else:
+                    train = np.setdiff1d(np.arange(n_times), block)
+                    train_data = data[train]
+                    train_covariates = None if covariates is None else covariates.rows(train)
+                core = self.fit_core(train_data, train_covariates, tau1, init=base.basis)
+                covariance = self.covariance(train_data, core)
+                if block is None:
+                    target = observed_minus_trend(data, core)
+                else:
+                    target = chunks.materialise(data[block]) - _trend_rows(covariates, core.trend_coef, block)
+                times = evenly_spaced_times(target.shape[0], s.cv_max_times)
+                reference = _fitted(core, covariance, None, self.sites, s)
+                extensions = [extend_to_held_out(reference, np.setdiff1d(everything, held), held) for held in folds]
+                for candidate in ranks:
+                    keep = covariance.effective_rank if candidate is None else min(candidate, covariance.effective_rank)
+                    self.report(f"cross-validation: tau1={tau1:.4g}, rank {keep}, time block "
+                                f"{number + 1}/{len(blocks)}")
+                    eigenvalues = np.where(np.arange(rank) < keep, covariance.eigenvalues, 0.0)
+                    fine = self.fine_scale(train_data, core, covariance, eigenvalues)
+                    model = reference.replace(eigenvalues=eigenvalues, fine=fine)
+                    cv = cross_validate_sites(model, target, folds, times=times, extensions=extensions)
+                    count = float(cv.count.sum())
+                    total = totals.setdefault((tau1, candidate), np.zeros(5))
+                    total += (count * keep, count * cv.crps, count * cv.rmse**2, count * cv.coverage, count)
+        # rank column: the candidate, or the mean effective rank over the blocks
+        records = np.array([(tau1, t[0] / t[4] if candidate is None else candidate, t[1] / t[4],
+                             np.sqrt(t[2] / t[4]), t[3] / t[4]) for (tau1, candidate), t in totals.items()])
+        best_tau1, best_rank = records[np.argmin(records[:, 2]), :2]
+        core = base if best_tau1 == 0.0 else self.fit_core(data, covariates, best_tau1, init=base.basis)
+        covariance = self.covariance(data, core)
+        if s.rank == "auto":
+            keep = min(int(best_rank), covariance.effective_rank)
+            covariance = covariance.with_eigenvalues(np.where(np.arange(rank) < keep, covariance.eigenvalues, 0.0))
+        fine = self.fine_scale(data, core, covariance)
+        return core, covariance, fine, records
+
+    # -- step 6
+    def calibrate(self, data, core, model):
+        """Site cross-validation of the final model: variance ratios and coverage by distance."""
+        folds_wanted = self.settings.site_folds
+        if not folds_wanted or data.shape[1] < 2 * int(folds_wanted):
+            return None
+        folds = self.folds()
+        times = evenly_spaced_times(data.shape[0], self.settings.cv_max_times)
+        self.report(f"site cross-validation of the fitted model ({len(folds)} folds)")
+        target = observed_minus_trend(data, core, times)
+        cv = cross_validate_sites(model, target, folds)
+        ratios = variance_ratio_at(model.planar, model.planar, cv.squared_error, cv.model_variance, cv.count)
+        return Calibration(
+            squared_error=cv.squared_error, model_variance=cv.model_variance, count=cv.count,
+            distance_km=cv.distance_km, by_distance=coverage_by_distance(cv, ratios),
+            crps=float(cv.crps), rmse=float(cv.rmse), coverage=float(cv.coverage),
+        )
+
+
+def fit_covariance(data, core, gamma, seed):
+    """Low-rank-plus-noise covariance of a fit, honest about the gaps.
+
+    Gaps are filled from the rank-K reconstruction, which carries no noise and
+    reinforces the K fitted directions: the spectral rule then reads noise
+    components as signal (measured: true rank 3 read as 10 with 10 % of entries
+    missing). With gaps, the gaps are refilled with a draw from the kriging
+    predictive distribution of the current covariance (shrunken scores plus noise,
+    seeded) and the covariance re-estimated, until the effective rank settles.
+    """
+    covariance = low_rank_plus_noise(core.basis, core.filled, gamma=gamma)
+    missing = np.isnan(data)
+    if chunks.is_lazy(data) or not missing.any():
+        return covariance
+    draws = np.random.default_rng(seed).standard_normal(data.shape)
+    for _ in range(GAP_REFILL_ROUNDS):
+        if covariance.effective_rank == 0:
+            break
+        result = krige_low_rank(np.where(missing, np.nan, core.filled), covariance.loadings(core.basis),
+                                covariance.eigenvalues, covariance.noise_variance, mean=core.mean)
+        refilled = np.where(missing, result.mean + np.sqrt(result.variance) * draws, core.filled)
+        updated = low_rank_plus_noise(core.basis, refilled, gamma=gamma)
+        settled = updated.effective_rank == covariance.effective_rank
+        covariance = updated
+        if settled:
+            break
+    return covariance
+
+
+def fit_fine_scale_of(data, core, covariance, sites, kind, *, seed=0, eigenvalues=None):
+    """Fit the fine-scale covariance on the remainders beyond the kept low rank.
+
+    The remainders of at most :data:`FINE_MAX_TIMES` evenly spaced times enter the
+    pooled variogram.
+    """
+    eigenvalues = covariance.eigenvalues if eigenvalues is None else eigenvalues
+    loadings = covariance.loadings(core.basis)[:, np.asarray(eigenvalues) > 0]
+    times = evenly_spaced_times(data.shape[0], FINE_MAX_TIMES)
+    centred = chunks.take_rows(core.filled, times) - core.mean
+    remainders = centred - (centred @ loadings) @ loadings.T
+    remainders[np.isnan(chunks.take_rows(data, times))] = np.nan
+    coords, geographic = sites.graph_coords()
+    first = fit_fine_scale(remainders, coords, kind, geographic=geographic, seed=seed)
+    if first.partial_sill <= 0.05 * first.sill:
+        return first  # spatially white remainders: the range is not identified
+    # the kept low rank takes the long-wave part of the fine-scale field and lowers the
+    # remainders' plateau; fitting lags up to a few ranges keeps that out of ell and tau^2
+    try:
+        return fit_fine_scale(remainders, coords, kind, geographic=geographic, seed=seed,
+                              max_distance=FINE_FIT_RANGES * first.range_km)
+    except InputError:
+        return first
+
+
+def observed_minus_trend(data, core, times=None):
+    """The residual minus trend at the observed entries, NaN at the gaps (numpy rows)."""
+    observed = chunks.take_rows(data, times)
+    return np.where(np.isnan(observed), np.nan, chunks.take_rows(core.filled, times))
+
+
+def time_blocks(data, n_blocks):
+    """Contiguous time blocks whose complement observes every site ([None]: no split)."""
+    n_times = data.shape[0]
+    if n_blocks < 2 or n_times < 3 * n_blocks:
+        return [None]
+    blocks = np.array_split(np.arange(n_times), n_blocks)
+    observed = ~np.isnan(data)
+    seen = chunks.compute(*[observed[block].any(axis=0) for block in blocks])
+    everywhere = np.array(seen)
+    for number in range(n_blocks):
+        rest = np.delete(everywhere, number, axis=0)
+        if not rest.any(axis=0).all():
+            return [None]  # some site is seen only inside one block
+    return blocks
+
+
+def _trend_rows(covariates, theta, rows):
+    """Residual trend at some times, zero without covariates."""
+    if covariates is None or theta is None:
+        return 0.0
+    return covariates.rows(rows).evaluate(theta)
+
+
+# ---------------------------------------------------------------------------- krige
+
+
+def krige(model, observed, *, targets=None, covariates=None, target_covariates=None, level=0.9,
+          include_noise=True, multiplier=None):
+    """Krige residual fields with a fitted model.
+
+    Parameters
+    ----------
+    model : FittedModel
+    observed : ndarray or dask array, shape (T, N)
+        Residuals at the fitted sites (columns in the fitted order), NaN where
+        unobserved. Dask input gives dask outputs chunked like it along time.
+    targets : Sites, optional
+        New locations; default the fitted sites (filling their gaps).
+    covariates, target_covariates : ndarray, optional
+        Trend covariates at the observed times and the fitted sites, and at the same
+        times and the targets (``(T, N, p)``, ``(T, p)`` or ``(N, p)``), when the model
+        has a trend.
+    level : float
+        Central probability of the intervals.
+    include_noise : bool
+        Predict a new observation (adds the white noise) rather than the latent field.
+    multiplier : float, optional
+        Interval half-width in standard deviations (default Gaussian at ``level``).
+
+    Returns
+    -------
+    KrigingResult
+        ``mean``, ``variance``, ``lower``, ``upper`` (T, P), numpy or dask.
+    """
+    observed = chunks.as_float_array(observed)
+    n_times, n_sites = observed.shape
+    if n_sites != model.n_sites:
+        raise InputError(f"observed has {n_sites} sites (columns) but the adapter was fitted on {model.n_sites}.")
+    trend_observed = trend_target = None
+    if model.trend_coefficients is not None:
+        if covariates is None:
+            raise InputError("the adapter has a residual trend: pass covariates covering the observed "
+                             "times and every observed and target site.")
+        trend_observed = evaluate_trend(covariates, model.trend_coefficients, n_times, n_sites)
+        trend_target = trend_observed if targets is None else evaluate_trend(
+            target_covariates, model.trend_coefficients, n_times, targets.size)
+    plan = _KrigingPlan(model, targets, include_noise)
+    kernel = plan.kernel
+    if not chunks.is_lazy(observed):
+        data = observed if trend_observed is None else observed - trend_observed
+        mean, variance = kernel(data)
+    else:
+        data = observed if trend_observed is None else observed - chunks.like(trend_observed, observed)
+        mean, variance = chunks.map_time_blocks(kernel, data, plan.n_targets)
+    if trend_target is not None:
+        mean = mean + (chunks.like(trend_target, mean) if chunks.is_lazy(mean) else trend_target)
+    return KrigingResult.from_moments(mean, variance, level, multiplier)
+
+
+class _KrigingPlan:
+    """Everything about the targets that does not depend on the observed times.
+
+    The extension of the basis and mean, and the variance ratios at new sites, are
+    computed once; :meth:`kernel` then kriges any block of times.
+    """
+
+    def __init__(self, model, targets, include_noise):
+        self.model = model
+        self.include_noise = include_noise
+        self.loadings = model.loadings
+        self.ratio = None
+        if targets is None:
+            self.target_loadings = self.target_mean = self.target_coords = None
+            self.n_targets = model.n_sites
+            return
+        if targets.geographic != model.geographic:
+            raise InputError(
+                "`at` and the fitted sites use different coordinate systems (lat/lon vs x/y); "
+                "give target locations in the fitted system."
+            )
+        target_planar = model.target_planar(targets)
+        values = np.column_stack([model.basis, model.mean])
+        extended = extend_basis(target_planar, model.planar, values, **model.extension)
+        self.target_loadings = extended[:, :-1] @ model.rotation
+        self.target_mean = extended[:, -1]
+        self.target_coords = targets.graph_coords()[0]
+        self.n_targets = targets.size
+        calibration = model.calibration
+        if calibration is not None:
+            self.ratio = variance_ratio_at(target_planar, model.planar, calibration.squared_error,
+                                           calibration.model_variance, calibration.count)
+
+    def kernel(self, data):
+        """Kriged mean and variance ``(t, P)`` of a block of times ``(t, N)`` (numpy)."""
+        model = self.model
+        if model.fine is None:
+            result = krige_low_rank(data, self.loadings, model.eigenvalues, model.noise_variance,
+                                    target_loadings=self.target_loadings, mean=model.mean,
+                                    target_mean=self.target_mean, include_noise=self.include_noise)
+            mean, variance = result.mean, result.variance
+        else:
+            mean, variance = krige_with_fine_scale(
+                data, self.loadings, model.eigenvalues, model.fine, model.graph_coords,
+                target_loadings=self.target_loadings, target_coords=self.target_coords,
+                mean=model.mean, target_mean=self.target_mean, include_noise=self.include_noise,
+                k=model.fine_neighbors, geographic=model.geographic,
+            )
+        if self.ratio is not None:
+            variance = variance * self.ratio[None, :]
+        return mean, variance
