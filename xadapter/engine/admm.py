@@ -93,13 +93,15 @@ import numpy as np
 
 from .basis import solve_basis, subspace_distance
 from .checks import nonnegative as _nonnegative
+from .progress import progress_bar
 from .chunks import compute, is_lazy
 from ..exceptions import InputError
 from .trend import RidgeTrend, as_covariates
 
 HISTORY_KEYS = ("iteration", "primal_residual", "dual_residual", "basis_change", "objective")
 
-#: Iterations between progress lines when ``progress=True``.
+#: Iterations between progress lines for ``progress=True`` where no bar can be used
+#: (kept for callers that pass an int: ``progress=n`` prints a line every ``n``).
 PROGRESS_EVERY = 10
 
 
@@ -227,20 +229,42 @@ def _windows(n_times, batch_size):
     return [slice(start, min(start + batch_size, n_times)) for start in starts]
 
 
-def _progress_reporter(progress):
-    if callable(progress):
-        return progress
-    if not progress:
-        return None
-    every = PROGRESS_EVERY if progress is True else _positive_int("progress", progress)
+class _Progress:
+    """Reports each history record: to a callable, as periodic lines, or on a bar.
 
-    def report(record):
-        if record["iteration"] % every == 0:
-            print(f"xadapter ADMM iteration {record['iteration']}: primal {record['primal_residual']:.3e}, "
-                  f"dual {record['dual_residual']:.3e}, basis change {record['basis_change']:.3e}, "
-                  f"objective {record['objective']:.6e}", file=sys.stderr, flush=True)
+    ``progress`` is True/False/None (a bar over ``max_iter`` iterations, see
+    :mod:`xadapter.engine.progress`), an int ``n`` (a line on stderr every ``n``
+    iterations, for logs) or a callable (called with every record).
+    """
 
-    return report
+    def __init__(self, progress, max_iter):
+        self.callback = self.every = None
+        self.bar = None
+        if callable(progress):
+            self.callback = progress
+        elif isinstance(progress, (int, np.integer)) and not isinstance(progress, (bool, np.bool_)):
+            self.every = _positive_int("progress", progress)
+        else:
+            self.bar = progress_bar(progress, max_iter, "xadapter ADMM")
+
+    def __call__(self, record):
+        if self.callback is not None:
+            self.callback(record)
+        elif self.every is not None:
+            if record["iteration"] % self.every == 0:
+                print(f"xadapter ADMM iteration {record['iteration']}: primal {record['primal_residual']:.3e}, "
+                      f"dual {record['dual_residual']:.3e}, basis change {record['basis_change']:.3e}, "
+                      f"objective {record['objective']:.6e}", file=sys.stderr, flush=True)
+        else:
+            self.bar.set_postfix(primal=f"{record['primal_residual']:.2e}", dual=f"{record['dual_residual']:.2e}",
+                                 basis=f"{record['basis_change']:.2e}", refresh=False)
+            self.bar.update()
+
+    def close(self, converged):
+        if self.bar is not None:
+            # a bar that stops short of max_iter says why
+            self.bar.set_description("xadapter ADMM converged" if converged else "xadapter ADMM (not converged)")
+            self.bar.close()
 
 
 # --------------------------------------------------------------------------- the driver
@@ -362,7 +386,7 @@ def _tolerance(settings, scale, size, data_norm):
 
 def fit_adapter(data, rank, *, omega=None, tau1=0.0, tau2=0.0, covariates=None, ridge=1e-6, rho=1.0,
                 batch_size=None, phi_every=1, phi_freeze=None, momentum=0.0, min_iter=5, max_iter=200,
-                tol_abs=1e-6, tol_rel=1e-4, seed=0, method="auto", init=None, progress=False):
+                tol_abs=1e-6, tol_rel=1e-4, seed=0, method="auto", init=None, progress=None):
     """Fit the spatial adapter: basis, scores, per-site mean and residual trend.
 
     Runs the three-block ADMM described in the module docstring.
@@ -407,10 +431,12 @@ def fit_adapter(data, rank, *, omega=None, tau1=0.0, tau2=0.0, covariates=None, 
     init : array_like, shape (N, K), optional
         Warm start of the first Phi-step (e.g. the basis at a neighbouring ``tau1``);
         see :func:`xadapter.basis.solve_basis`.
-    progress : bool, int or callable
-        False (default): silent. True: a line on stderr every
-        :data:`PROGRESS_EVERY` iterations; an int ``n``: every ``n``; a callable:
-        called with the history record (a dict) of every iteration.
+    progress : bool, None, int or callable, default None
+        True: a bar over the iterations on stderr (closed early on convergence, with
+        the primal and dual residuals and the basis change); False: silent; None: a
+        bar only when stderr is a terminal (:mod:`xadapter.engine.progress`). An int
+        ``n``: a line on stderr every ``n`` iterations (for logs); a callable: called
+        with the history record (a dict) of every iteration.
 
     Returns
     -------
@@ -452,7 +478,7 @@ def fit_adapter(data, rank, *, omega=None, tau1=0.0, tau2=0.0, covariates=None, 
     )
     batch_size = _positive_int("batch_size", batch_size, allow_none=True)
     ridge = _nonnegative("ridge", ridge)
-    report = _progress_reporter(progress)
+    report = _Progress(progress, settings.max_iter)
     if covariates is not None:
         covariates = as_covariates(covariates, n_times, n_sites)
 
@@ -483,18 +509,22 @@ def fit_adapter(data, rank, *, omega=None, tau1=0.0, tau2=0.0, covariates=None, 
                   "basis_change": change, "objective": driver.objective(feasible)}
         for key in HISTORY_KEYS:
             history[key].append(record[key])
-        if report is not None:
-            report(record)
+        report(record)
         eps = _tolerance(settings, driver.scale, (rows.stop - rows.start) * n_sites, data_norm)
         passed.append(primal <= eps and dual <= settings.rho * eps and change <= basis_tol)
         if iteration >= max(settings.min_iter, sweep) and all(passed[-sweep:]):
             converged = True
             break
 
+    report.close(converged)
     if not converged:
-        warnings.warn(f"the ADMM did not meet its stopping rule in max_iter = {settings.max_iter} iterations; "
-                      "raise max_iter or loosen tol_rel/tol_abs (see AdapterFit.history).", RuntimeWarning,
-                      stacklevel=2)
+        # name the settings a user of SpatialAdapter has (max_iter, tol = tol_rel, history)
+        warnings.warn(f"the ADMM did not meet its stopping rule in max_iter = {settings.max_iter} iterations "
+                      f"(last basis change {history['basis_change'][-1]:.2e}, primal residual "
+                      f"{history['primal_residual'][-1]:.2e}); the result is the last iterate. Raise the "
+                      "iteration limit or loosen the tolerance: SpatialAdapter(max_iter=..., tol=...) "
+                      "(fit_adapter: max_iter, tol_rel, tol_abs); adapter.history shows the residuals "
+                      "per iteration.", RuntimeWarning, stacklevel=2)
     frozen = settings.phi_freeze is not None and iteration > settings.phi_freeze
     filled, basis = driver.finish(refresh_basis=not frozen)
     mean = filled.mean(axis=0)

@@ -30,6 +30,7 @@ from .extend import extend_basis
 from .finescale import krige_with_fine_scale
 from .kriging import krige
 from .metrics import crps_gaussian
+from .progress import progress_bar
 
 #: Pseudo-count of the shrinkage of variance ratios towards 1 (:func:`variance_ratio_at`).
 RATIO_PRIOR_COUNT = 50.0
@@ -122,7 +123,7 @@ class SiteCV:
     z_scores: np.ndarray
 
 
-def cross_validate_sites(model, data, folds, *, level=0.9, times=None, extensions=None):
+def cross_validate_sites(model, data, folds, *, level=0.9, times=None, extensions=None, progress=False):
     """Hold each fold of sites out, krige it from the others, and score.
 
     Parameters
@@ -137,6 +138,9 @@ def cross_validate_sites(model, data, folds, *, level=0.9, times=None, extension
         Subset of time indices to use (bounds the cost on long records).
     extensions : list, optional
         Per-fold output of :func:`extend_to_held_out`, reused across candidates.
+    progress : bool or None, default False
+        A bar over the folds: True always, False never, None only when stderr is a
+        terminal (:mod:`xadapter.engine.progress`).
 
     Returns
     -------
@@ -150,11 +154,13 @@ def cross_validate_sites(model, data, folds, *, level=0.9, times=None, extension
     variance = np.full((n_times, n_sites), np.nan)
     distance = np.zeros(n_sites)
     everything = np.arange(n_sites)
-    for index, held in enumerate(folds):
-        kept = np.setdiff1d(everything, held)
-        extended = None if extensions is None else extensions[index]
-        prediction[:, held], variance[:, held] = krige_held_out(model, data, kept, held, extended=extended)
-        distance[held], _ = cKDTree(model.planar[kept]).query(model.planar[held])
+    with progress_bar(progress, len(folds), "xadapter site CV", unit="fold") as bar:
+        for index, held in enumerate(folds):
+            kept = np.setdiff1d(everything, held)
+            extended = None if extensions is None else extensions[index]
+            prediction[:, held], variance[:, held] = krige_held_out(model, data, kept, held, extended=extended)
+            distance[held], _ = cKDTree(model.planar[kept]).query(model.planar[held])
+            bar.update()
     valid = np.isfinite(data)
     error = np.where(valid, data - prediction, np.nan)
     z = error / np.sqrt(variance)
