@@ -113,7 +113,8 @@ def _fit(args):
                   file=sys.stderr)
             return 2
         resid = ds[args.variable].load()
-    adapter = SpatialAdapter(rank=args.rank, tau1=args.tau1, progress=not args.quiet).fit(resid)
+    adapter = SpatialAdapter(rank=args.rank, tau1=args.tau1, max_iter=args.max_iter, tol=args.tol,
+                             progress=not args.quiet).fit(resid)
     adapter.to_netcdf(args.output)
     if not args.quiet:
         print(repr(adapter))
@@ -141,6 +142,8 @@ def main(argv=None):
     fit.add_argument("variable")
     fit.add_argument("--rank", type=int, default=10)
     fit.add_argument("--tau1", type=float, default=0.0)
+    fit.add_argument("--max-iter", type=int, default=200, help="ADMM iteration limit (default 200)")
+    fit.add_argument("--tol", type=float, default=1e-4, help="relative tolerance of the ADMM stopping rule")
     fit.add_argument("--output", default="adapter.nc")
     fit.add_argument("--quiet", action="store_true")
     fit.set_defaults(run=_fit)
