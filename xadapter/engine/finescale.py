@@ -92,10 +92,20 @@ KINDS = ("exponential", "matern32")
 EXACT_MAX_SITES = 5000
 
 # Entries of a temporary block (bounds memory at ~32 MB per temporary array).
-_BLOCK_ENTRIES = 4_000_000
+_BLOCK_ENTRIES = 1_000_000
+
+# Optimisers run to the optimum rather than to a good-enough point: the same data
+# summed in another order (dask chunks against numpy) must give the same parameters to
+# about 1e-8, and a loose stopping rule turns 1e-14 input differences into 1e-6 ones.
+_TIGHT_LBFGS = {"ftol": 1e-15, "gtol": 1e-11, "maxiter": 2000}
+_TIGHT_LSQ = {"ftol": 1e-14, "xtol": 1e-14, "gtol": 1e-14, "jac": "3-point"}
 
 # Relative floor on the nugget so that coincident sites never make a singular system.
 _NUGGET_FLOOR = 1e-10
+
+#: Parameters the correlated part adds to a pure nugget (its share of the sill and its
+#: range): the AIC price it must pay in the local likelihood.
+_WHITE_AIC_PARAMETERS = 2
 
 _SQRT3 = np.sqrt(3.0)
 
@@ -600,11 +610,91 @@ def _split_sill_locally(blocks, kind, sill, range_km, nugget, range_bounds):
     best = None
     for fraction in sorted({float(np.clip(nugget / sill, 0.0, 1.0)), 0.5}):
         result = minimize(objective, [fraction, start_range], method="L-BFGS-B",
-                          bounds=[(0.0, 1.0), log_bounds])
+                          bounds=[(0.0, 1.0), log_bounds], options=_TIGHT_LBFGS)
         if best is None or result.fun < best.fun:
             best = result
-    fraction, log_range = best.x
+    fraction, log_range = _newton_polish(objective, best.x, [(0.0, 1.0), log_bounds])
+    # Spatially white remainders: the pure nugget (range irrelevant) unless the correlated
+    # part buys more likelihood than its two parameters cost (AIC on the pooled composite
+    # likelihood, normalised per observation). Without it, a flat optimum near the
+    # boundary leaves a partial sill of 1e-6 of the sill wherever the optimiser stopped.
+    white = objective(np.array([1.0, log_range]))
+    if float(blocks.counts.sum()) * (white - objective(np.array([fraction, log_range]))) <= 2 * _WHITE_AIC_PARAMETERS:
+        fraction = 1.0
     return sill * (1.0 - fraction), float(np.exp(log_range)), sill * fraction
+
+
+def _newton_polish(objective, x, bounds, step=1e-4, max_iter=20):
+    """Newton steps on the central-difference gradient from a quasi-Newton optimum.
+
+    L-BFGS-B stops where its forward-difference gradient is small, a point that moves
+    by the optimiser's tolerance when the data change in the last digit (the same
+    data summed in another order). The root of a fixed-step central-difference
+    gradient is a smooth function of the data, so polishing to it makes the estimate
+    reproducible to rounding. Coordinates within a few steps of a bound stay where
+    the optimiser put them.
+    """
+    x = np.array(x, dtype=np.float64)
+    lower = np.array([b[0] for b in bounds])
+    upper = np.array([b[1] for b in bounds])
+    free = (x - lower > 4 * step) & (upper - x > 4 * step)
+    if not free.any():
+        return x
+    index = np.flatnonzero(free)
+    for _ in range(max_iter):
+        gradient, hessian = _central_derivatives(objective, x, index, step)
+        try:
+            curvature, directions = np.linalg.eigh(hessian)
+        except np.linalg.LinAlgError:
+            break
+        flat = np.abs(curvature) <= 1e-8 * max(np.abs(curvature).max(), np.finfo(float).tiny)
+        if np.any((curvature < 0) & ~flat):
+            break  # not a local minimum of the differenced objective: keep x
+        # directions the objective does not depend on (a range under a zero partial
+        # sill) are left alone; the others are solved
+        along = directions.T @ gradient
+        move = -directions[:, ~flat] @ (along[~flat] / curvature[~flat])
+        trial = x.copy()
+        trial[index] += move
+        if np.any(trial[index] - lower[index] < 4 * step) or np.any(upper[index] - trial[index] < 4 * step):
+            break
+        x = trial
+        if np.max(np.abs(move)) < 1e-13:
+            break
+    return x
+
+
+def _central_derivatives(function, x, index, step):
+    """Central-difference gradient and Hessian of ``function`` in the coordinates ``index``."""
+    n = len(index)
+    centre = function(x)
+    gradient = np.zeros(n)
+    hessian = np.zeros((n, n))
+    shifted = {}
+
+    def value(offsets):
+        key = tuple(offsets)
+        if key not in shifted:
+            point = x.copy()
+            point[index] += step * np.asarray(offsets, dtype=np.float64)
+            shifted[key] = function(point)
+        return shifted[key]
+
+    for i in range(n):
+        plus = [0] * n
+        plus[i] = 1
+        minus = [0] * n
+        minus[i] = -1
+        gradient[i] = (value(plus) - value(minus)) / (2 * step)
+        hessian[i, i] = (value(plus) - 2 * centre + value(minus)) / step**2
+        for j in range(i):
+            corners = []
+            for a, b in ((1, 1), (1, -1), (-1, 1), (-1, -1)):
+                offsets = [0] * n
+                offsets[i], offsets[j] = a, b
+                corners.append(value(offsets))
+            hessian[i, j] = hessian[j, i] = (corners[0] - corners[1] - corners[2] + corners[3]) / (4 * step**2)
+    return gradient, hessian
 
 
 def _warn_if_nugget_unidentified(params, spacing, range_lower):
@@ -779,9 +869,14 @@ def fit_fine_scale(remainders, coords, kind="exponential", *, geographic=False, 
             lower, upper = [0.0, range_bounds[0], 0.0], [upper_sill, range_bounds[1], upper_sill]
         x0 = np.clip(x0, lower, upper)
         result = least_squares(residuals, x0, bounds=(lower, upper),
-                               x_scale=np.abs(np.asarray(upper)) + 1e-12, method="trf")
-        if best is None or result.cost < best.cost:
-            best = result
+                               x_scale=np.abs(np.asarray(upper)) + 1e-12, method="trf", **_TIGHT_LSQ)
+        if best is None or (result.cost, tuple(result.x)) < (best.cost, tuple(best.x)):
+            best, best_bounds = result, (np.asarray(lower, dtype=np.float64), np.asarray(upper, dtype=np.float64))
+    # polish in coordinates scaled to the bounds, where one difference step suits all
+    x_scale = np.abs(best_bounds[1]) + 1e-12
+    polished = _newton_polish(lambda z: 0.5 * float(np.sum(residuals(z * x_scale) ** 2)), best.x / x_scale,
+                              list(zip(best_bounds[0] / x_scale, best_bounds[1] / x_scale)))
+    best.x = polished * x_scale
     if sill == "pooled":
         nugget_fraction, range_km = best.x
         partial_sill, nugget = total * (1.0 - nugget_fraction), total * nugget_fraction
