@@ -44,6 +44,7 @@ from .fitted import Calibration, FittedModel
 from .kriging import KrigingResult
 from .kriging import krige as krige_low_rank
 from .penalty import build_penalty
+from .progress import progress_enabled
 from .trend import as_covariates, evaluate_trend
 from .validation import (
     coverage_by_distance,
@@ -64,6 +65,14 @@ FINE_FIT_RANGES = 5.0
 #: variogram pools squared differences over pairs and times; 500 fields of sampled
 #: pairs pin it down far below the scatter between bins.
 FINE_MAX_TIMES = 500
+
+#: Entries (times x sites) of the subsamples of times read for the variogram and the
+#: site cross-validation on large networks (32 MB per array): fewer times on many
+#: sites, never fewer than :data:`MIN_SUBSAMPLE_TIMES`.
+SUBSAMPLE_MAX_ENTRIES = 4_000_000
+
+#: Fewest times a subsample keeps, however many sites.
+MIN_SUBSAMPLE_TIMES = 50
 
 #: Largest nominal rank tried by ``rank="auto"``.
 AUTO_MAX_RANK = 20
@@ -196,7 +205,7 @@ class _Run:
         self.missing = missing
 
     def report(self, message):
-        if self.settings.progress:
+        if progress_enabled(self.settings.progress):
             print(f"xadapter: {message}", file=sys.stderr, flush=True)
 
     # -- steps 2-4
@@ -261,7 +270,7 @@ class _Run:
                     target = observed_minus_trend(data, core)
                 else:
                     target = chunks.materialise(data[block]) - _trend_rows(covariates, core.trend_coef, block)
-                times = evenly_spaced_times(target.shape[0], s.cv_max_times)
+                times = evenly_spaced_times(target.shape[0], subsample_size(s.cv_max_times, n_sites))
                 reference = _fitted(core, covariance, None, self.sites, s)
                 extensions = [extend_to_held_out(reference, np.setdiff1d(everything, held), held) for held in folds]
                 for candidate in ranks:
@@ -294,10 +303,10 @@ class _Run:
         if not folds_wanted or data.shape[1] < 2 * int(folds_wanted):
             return None
         folds = self.folds()
-        times = evenly_spaced_times(data.shape[0], self.settings.cv_max_times)
+        times = evenly_spaced_times(data.shape[0], subsample_size(self.settings.cv_max_times, data.shape[1]))
         self.report(f"site cross-validation of the fitted model ({len(folds)} folds)")
         target = observed_minus_trend(data, core, times)
-        cv = cross_validate_sites(model, target, folds)
+        cv = cross_validate_sites(model, target, folds, progress=self.settings.progress)
         ratios = variance_ratio_at(model.planar, model.planar, cv.squared_error, cv.model_variance, cv.count)
         return Calibration(
             squared_error=cv.squared_error, model_variance=cv.model_variance, count=cv.count,
@@ -343,7 +352,7 @@ def fit_fine_scale_of(data, core, covariance, sites, kind, *, seed=0, eigenvalue
     """
     eigenvalues = covariance.eigenvalues if eigenvalues is None else eigenvalues
     loadings = covariance.loadings(core.basis)[:, np.asarray(eigenvalues) > 0]
-    times = evenly_spaced_times(data.shape[0], FINE_MAX_TIMES)
+    times = evenly_spaced_times(data.shape[0], subsample_size(FINE_MAX_TIMES, data.shape[1]))
     centred = chunks.take_rows(core.filled, times) - core.mean
     remainders = centred - (centred @ loadings) @ loadings.T
     remainders[np.isnan(chunks.take_rows(data, times))] = np.nan
@@ -358,6 +367,14 @@ def fit_fine_scale_of(data, core, covariance, sites, kind, *, seed=0, eigenvalue
                               max_distance=FINE_FIT_RANGES * first.range_km)
     except InputError:
         return first
+
+
+def subsample_size(max_times, n_sites):
+    """Times to read for a subsample: at most ``max_times``, fewer on large networks."""
+    if max_times is None and n_sites * MIN_SUBSAMPLE_TIMES >= SUBSAMPLE_MAX_ENTRIES:
+        return MIN_SUBSAMPLE_TIMES
+    cap = max(MIN_SUBSAMPLE_TIMES, SUBSAMPLE_MAX_ENTRIES // max(n_sites, 1))
+    return cap if max_times is None else min(max_times, cap)
 
 
 def observed_minus_trend(data, core, times=None):

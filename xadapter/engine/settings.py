@@ -16,6 +16,7 @@ import numpy as np
 from ..exceptions import InputError
 from .checks import nonnegative
 from .penalty import PENALTY_KINDS
+from .progress import progress_enabled
 
 FINE_SCALE_KINDS = (None, "exponential", "matern32")
 EXTENSION_METHODS = ("auto", "global", "local")
@@ -65,7 +66,7 @@ class Settings:
     extension_neighbors: int = 50
     extension_smoothing: float = 0.3
     seed: int = 0
-    progress: object = False
+    progress: object = None
     fine_neighbors: int = 30
     site_folds: int | None = 5
     cv_max_times: int | None = 200
@@ -97,8 +98,8 @@ class Settings:
         fix(self, "extension_neighbors", _integer("extension_neighbors", self.extension_neighbors, 1))
         fix(self, "extension_smoothing", nonnegative("extension_smoothing", self.extension_smoothing))
         fix(self, "seed", _integer("seed", self.seed, 0))
-        if not (isinstance(self.progress, (bool, np.bool_)) or self.progress is None or callable(self.progress)):
-            raise InputError(f"progress must be True, False or None, got {self.progress!r}.")
+        if not callable(self.progress):
+            progress_enabled(self.progress)  # raises on anything but True, False or None
         fix(self, "fine_neighbors", _integer("fine_neighbors", self.fine_neighbors, 1))
         if self.site_folds in (None, 0):
             fix(self, "site_folds", None)

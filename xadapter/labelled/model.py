@@ -99,7 +99,9 @@ class SpatialAdapter:
         variance at new sites (and scores ``rank="auto"``/``tau1="cv"``); None or 0
         switches it off (new-site variances are then the model's alone).
     cv_max_times : int, default 200
-        Time steps (evenly spaced) used by the cross-validation over sites.
+        Time steps (evenly spaced) used by the cross-validation over sites; on very
+        large networks fewer, so that the subsample holds at most
+        :data:`xadapter.engine.pipeline.SUBSAMPLE_MAX_ENTRIES` entries.
     cv_time_blocks : int, default 3
         Contiguous time blocks of the ``rank="auto"`` / ``tau1="cv"`` search: each
         block is scored at held-out sites after fitting on the other blocks (1: score
@@ -124,9 +126,10 @@ class SpatialAdapter:
         Name of the time dim (default: found by name or datetime dtype).
     space_dims : str or tuple of str, optional
         Space dims (default: every dim but time).
-    progress : bool
-        Report progress of long fits (ADMM iterations, cross-validation) on stderr;
-        silent by default.
+    progress : bool or None, default None
+        Progress bars (tqdm) over the ADMM iterations and the site cross-validation
+        folds on stderr: True always, False never, None only when stderr is a
+        terminal (so scripts and CI stay silent).
     """
 
     def __init__(
@@ -154,7 +157,7 @@ class SpatialAdapter:
         seed=0,
         time_dim=None,
         space_dims=None,
-        progress=False,
+        progress=None,
         fine_neighbors=30,
         site_folds=5,
         cv_max_times=200,
