@@ -442,17 +442,21 @@ def _top_block(objective, rank, init, tol, max_iter):
     """Top eigenvectors by LOBPCG on blocks: one pass over (dask) data per iteration.
 
     Lanczos applies the operator one vector at a time, a pass over the data each; the
-    block method applies it to ``rank`` (plus guard) vectors per pass.
+    block method applies it to ``rank`` plus guard vectors per pass. Measured at
+    N = 20,000, T = 500, K = 10 with a graph penalty: 33 passes with ``2 K + 10``
+    vectors, 53 with ``K + 10``, against 287 single-vector passes of Lanczos.
     """
     n = objective.ops.n_sites
-    width = min(n - 1, rank + max(2, rank // 2))
+    width = min(n - 1, 2 * rank + 10)
     start = np.random.default_rng(0).standard_normal((n, width))
     if init is not None:
         start[:, :rank] = init + 1e-3 * start[:, :rank]
     before = objective.n_applied
     linop = spla.LinearOperator((n, n), matvec=objective, matmat=objective, dtype=np.float64)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # lobpcg reports its own tolerance misses
+        # lobpcg reports its own tolerance misses and near-dependent guard vectors
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", sla.LinAlgWarning)
         values, vectors = spla.lobpcg(linop, start, largest=True, tol=tol or 1e-9,
                                       maxiter=max_iter or LAZY_BLOCK_MAX_ITER)
     order = np.argsort(values)[::-1][:rank]

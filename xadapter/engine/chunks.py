@@ -55,7 +55,7 @@ def compute(*arrays):
     return tuple(np.asarray(a) for a in arrays)
 
 
-def time_blocks(data, batch=2):
+def time_blocks(data, batch=1):
     """numpy blocks of a dask ``data`` along time, ``batch`` chunks computed at a time.
 
     A fold over the blocks (e.g. accumulating a Gram matrix in place) then holds one
