@@ -33,3 +33,21 @@ class ProblemTooLargeError(InputError):
 
 class NotFittedError(XAdapterError, AttributeError):
     """A fitted attribute or method was used before ``fit``."""
+
+
+def warn(message, category=UserWarning):
+    """Issue a warning attributed to the user's line: the first caller outside xadapter.
+
+    A fixed ``stacklevel`` points at whichever internal module happens to call the
+    engine (the accessor, the model, the pipeline); walking out of the package points
+    at the user's code whatever the path.
+    """
+    import os
+    import sys
+    import warnings
+
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    frame, level = sys._getframe(0), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)

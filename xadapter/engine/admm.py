@@ -86,7 +86,6 @@ version can drive the same loop chunk by chunk.
 from __future__ import annotations
 
 import sys
-import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -95,7 +94,7 @@ from .basis import solve_basis, subspace_distance
 from .checks import nonnegative as _nonnegative
 from .progress import progress_bar
 from .chunks import compute, is_lazy
-from ..exceptions import InputError
+from ..exceptions import InputError, warn
 from .trend import RidgeTrend, as_covariates
 
 HISTORY_KEYS = ("iteration", "primal_residual", "dual_residual", "basis_change", "objective")
@@ -519,12 +518,12 @@ def fit_adapter(data, rank, *, omega=None, tau1=0.0, tau2=0.0, covariates=None, 
     report.close(converged)
     if not converged:
         # name the settings a user of SpatialAdapter has (max_iter, tol = tol_rel, history)
-        warnings.warn(f"the ADMM did not meet its stopping rule in max_iter = {settings.max_iter} iterations "
+        warn(f"the ADMM did not meet its stopping rule in max_iter = {settings.max_iter} iterations "
                       f"(last basis change {history['basis_change'][-1]:.2e}, primal residual "
                       f"{history['primal_residual'][-1]:.2e}); the result is the last iterate. Raise the "
                       "iteration limit or loosen the tolerance: SpatialAdapter(max_iter=..., tol=...) "
                       "(fit_adapter: max_iter, tol_rel, tol_abs); adapter.history shows the residuals "
-                      "per iteration.", RuntimeWarning, stacklevel=2)
+                      "per iteration.", RuntimeWarning)
     frozen = settings.phi_freeze is not None and iteration > settings.phi_freeze
     filled, basis = driver.finish(refresh_basis=not frozen)
     mean = filled.mean(axis=0)

@@ -50,7 +50,7 @@ import scipy.sparse.linalg as spla
 
 from .checks import nonnegative
 from .chunks import time_blocks
-from ..exceptions import InputError, ProblemTooLargeError
+from ..exceptions import InputError, ProblemTooLargeError, warn
 
 #: ``method="auto"`` with an active penalty uses the dense eigensolver up to this many
 #: sites and the matrix-free Lanczos solver above. Measured on 2 cores at T = 500:
@@ -378,9 +378,8 @@ def _lanczos(operator, n, rank, v0, tol, max_iter):
         except spla.ArpackNoConvergence as error:
             partial = error.eigenvectors
             ncv = min(n, 2 * ncv)
-    warnings.warn(f"the Lanczos eigensolver did not converge for all {rank} eigenvectors; "
-                  "the basis is the best subspace found (raise max_iter or tol).", RuntimeWarning,
-                  stacklevel=3)
+    warn(f"the Lanczos eigensolver did not converge for all {rank} eigenvectors; "
+                  "the basis is the best subspace found (raise max_iter or tol).", RuntimeWarning)
     filler = np.random.default_rng(1).standard_normal((n, rank - partial.shape[1]))
     return np.hstack([partial, filler]), False
 
@@ -612,15 +611,15 @@ def _admm_sparse(objective, start, tau2, rho, tol, max_iter, dense):
     info = {"iterations": iteration, "converged": converged, "primal_residual": float(primal),
             "dual_residual": float(dual), "rho": float(rho), "linear_solver": solver.kind}
     if not np.isfinite(primal):
-        warnings.warn(f"the sparse ADMM diverged with rho = {rho:g}; returning the starting basis. "
-                      "Use a larger rho.", RuntimeWarning, stacklevel=3)
+        warn(f"the sparse ADMM diverged with rho = {rho:g}; returning the starting basis. "
+                      "Use a larger rho.", RuntimeWarning)
         info["orthonormalized_on_support"] = False
         return start, info
     basis, ok = _masked_orthonormal(sparse)
     if not ok:
-        warnings.warn("the sparse basis could not be made orthonormal on its zero pattern "
+        warn("the sparse basis could not be made orthonormal on its zero pattern "
                       "(tau2 too large, or the ADMM did not converge); returning the nearest "
-                      "orthonormal matrix, which has fewer exact zeros.", RuntimeWarning, stacklevel=3)
+                      "orthonormal matrix, which has fewer exact zeros.", RuntimeWarning)
         basis = _polar(sparse if np.all(np.any(sparse != 0, axis=0)) else orth)
     info["orthonormalized_on_support"] = ok
     return basis, info

@@ -69,7 +69,6 @@ simulated truth was within 0.1 % of the exact predictor's in every case.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -80,7 +79,7 @@ from scipy.optimize import least_squares, minimize
 from scipy.spatial import cKDTree
 
 from .checks import nonnegative
-from ..exceptions import InputError, ProblemTooLargeError
+from ..exceptions import InputError, ProblemTooLargeError, warn
 from .geometry import chord_to_great_circle_km, sphere_xyz, validate_latlon
 from .kriging import check_low_rank, observation_patterns
 
@@ -702,21 +701,21 @@ def _warn_if_nugget_unidentified(params, spacing, range_lower):
     if params.partial_sill <= 0.05 * params.sill:
         return  # spatially white at the site spacing: the sill is the nugget
     if params.range_km <= 1.01 * range_lower or params.correlation(spacing) < IDENTIFIABLE_CORRELATION:
-        warnings.warn(
+        warn(
             f"the fine-scale nugget is not identifiable from these data: the fitted range "
             f"({params.range_km:.4g} km) is short against the typical nearest-neighbour distance "
             f"({spacing:.4g} km; fitted correlation there {float(params.correlation(spacing)):.2g}), so the "
             f"split of the sill {params.sill:.4g} into nugget {params.nugget:.4g} and partial sill "
             f"{params.partial_sill:.4g} is arbitrary. Intervals at observed sites rest on that split; "
             "consider fine_scale=None or denser sites.",
-            RuntimeWarning, stacklevel=3,
+            RuntimeWarning,
         )
     elif params.nugget <= 1e-3 * params.sill:
-        warnings.warn(
+        warn(
             f"the fitted fine-scale nugget is essentially zero ({params.nugget:.3g} against a sill of "
             f"{params.sill:.4g}): the data show no white-noise component at the site spacing, so kriging "
             "reproduces observed values with near-zero variance. Check that the data are noise-free.",
-            RuntimeWarning, stacklevel=3,
+            RuntimeWarning,
         )
 
 

@@ -31,10 +31,11 @@ into labels.
 from __future__ import annotations
 
 import sys
+import warnings
 
 import numpy as np
 
-from ..exceptions import InputError
+from ..exceptions import InputError, warn
 from . import chunks
 from .admm import fit_adapter
 from .covariance import low_rank_plus_noise
@@ -357,16 +358,21 @@ def fit_fine_scale_of(data, core, covariance, sites, kind, *, seed=0, eigenvalue
     remainders = centred - (centred @ loadings) @ loadings.T
     remainders[np.isnan(chunks.take_rows(data, times))] = np.nan
     coords, geographic = sites.graph_coords()
-    first = fit_fine_scale(remainders, coords, kind, geographic=geographic, seed=seed)
-    if first.partial_sill <= 0.05 * first.sill:
-        return first  # spatially white remainders: the range is not identified
-    # the kept low rank takes the long-wave part of the fine-scale field and lowers the
-    # remainders' plateau; fitting lags up to a few ranges keeps that out of ell and tau^2
-    try:
-        return fit_fine_scale(remainders, coords, kind, geographic=geographic, seed=seed,
-                              max_distance=FINE_FIT_RANGES * first.range_km)
-    except InputError:
-        return first
+    # the first pass only sets the lags of the second: its warnings stand only if it is kept
+    with warnings.catch_warnings(record=True) as first_warnings:
+        warnings.simplefilter("always")
+        first = fit_fine_scale(remainders, coords, kind, geographic=geographic, seed=seed)
+    if first.partial_sill > 0.05 * first.sill:
+        # the kept low rank takes the long-wave part of the fine-scale field and lowers the
+        # remainders' plateau; fitting lags up to a few ranges keeps that out of ell and tau^2
+        try:
+            return fit_fine_scale(remainders, coords, kind, geographic=geographic, seed=seed,
+                                  max_distance=FINE_FIT_RANGES * first.range_km)
+        except InputError:
+            pass
+    for caught in first_warnings:  # spatially white remainders, or no second pass possible
+        warn(str(caught.message), caught.category)
+    return first
 
 
 def subsample_size(max_times, n_sites):

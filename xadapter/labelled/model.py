@@ -475,8 +475,16 @@ class SpatialAdapter:
                 "the adapter has a residual trend: pass covariates=... covering the observed "
                 "times and every observed and target site."
             )
-        space_dims = self._space_dims if site_dim == self._site_dim else tuple(
-            d for d in covariates.dims if d not in (time_dim, "feature"))
+        if site_dim == self._site_dim:
+            space_dims = self._space_dims
+        else:
+            space_dims = tuple(d for d in covariates.dims if d not in (time_dim, "feature"))
+            target_dims = stack_order(stacked, site_dim, (site_dim,))
+            if space_dims and set(space_dims) != set(target_dims):
+                raise InputError(
+                    f"covariates vary along {list(space_dims)} but the {what} along {list(target_dims)}; "
+                    f"give covariates at the {what} on their own dims (or along time only)."
+                )
         features, array = covariate_array(covariates, stacked, time_dim, site_dim, space_dims, what=what)
         expected = [state_io.jsonable(f) for f in self.state["feature"].values.tolist()]
         if features is None or list(features) != expected:
