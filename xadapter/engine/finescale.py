@@ -81,7 +81,7 @@ from scipy.spatial import cKDTree
 from .checks import nonnegative
 from ..exceptions import InputError, ProblemTooLargeError, warn
 from .geometry import chord_to_great_circle_km, sphere_xyz, validate_latlon
-from .kriging import check_low_rank, observation_patterns
+from .kriging import check_kriging_inputs, observation_patterns, score_posterior
 
 #: Correlation families understood by :class:`FineScaleParams`.
 KINDS = ("exponential", "matern32")
@@ -1018,45 +1018,21 @@ def local_simple_krige(values, coords, target_coords, params, *, k=20, geographi
 
 def _validate_model(data, loadings, eigenvalues, coords, target_loadings, target_coords, mean,
                     target_mean, geographic):
-    data, loadings, eigenvalues = check_low_rank(_as_data(data, "data"), loadings, eigenvalues)
-    n_sites, rank = loadings.shape
-    points = _points(coords, "coords", geographic, n_expected=n_sites)
+    """Kriging inputs (:func:`xadapter.engine.kriging.check_kriging_inputs`) plus coordinates."""
     if (target_loadings is None) != (target_coords is None):
         raise InputError("give both target_loadings and target_coords for new targets, or neither.")
-    if target_loadings is None:
-        target_loadings, target_points = loadings, points
-        if target_mean is None:
-            target_mean = mean
+    data, loadings, eigenvalues, target_loadings, mean, target_mean = check_kriging_inputs(
+        _as_data(data, "data"), loadings, eigenvalues, target_loadings, mean, target_mean)
+    points = _points(coords, "coords", geographic, n_expected=loadings.shape[0])
+    if target_coords is None:
+        target_points = points
     else:
-        target_loadings = np.asarray(target_loadings, dtype=np.float64)
-        if target_loadings.ndim != 2 or target_loadings.shape[1] != rank:
-            raise InputError(
-                f"target_loadings must have shape (P, {rank}) (the basis extended to the targets), "
-                f"got {target_loadings.shape}."
-            )
-        if not np.isfinite(target_loadings).all():
-            raise InputError("target_loadings contain NaN or infinite values.")
-        target_points = _points(target_coords, "target_coords", geographic,
-                                n_expected=target_loadings.shape[0])
+        target_points = _points(target_coords, "target_coords", geographic, n_expected=target_loadings.shape[0])
         if target_points.shape[1] != points.shape[1]:
             raise InputError("target_coords and coords must use the same coordinate system.")
-        if mean is not None and target_mean is None:
-            raise InputError(
-                "mean is given for the fitted sites but target_mean is missing for the new targets; "
-                "extend the site mean to the targets (or pass zeros explicitly)."
-            )
-    site_vectors = []
-    for name, vector, size in (("mean", mean, n_sites), ("target_mean", target_mean, target_points.shape[0])):
-        if vector is None:
-            site_vectors.append(np.zeros(size))
-            continue
-        vector = np.asarray(vector, dtype=np.float64)
-        if vector.shape != (size,) or not np.isfinite(vector).all():
-            raise InputError(f"{name} must be a finite vector of shape ({size},), got shape {vector.shape}.")
-        site_vectors.append(vector)
     positive = eigenvalues > 0
-    return (data - site_vectors[0], loadings[:, positive], eigenvalues[positive], points,
-            target_loadings[:, positive], target_points, site_vectors[1])
+    return (data - mean, loadings[:, positive], eigenvalues[positive], points,
+            target_loadings[:, positive], target_points, target_mean)
 
 
 def _local_precision(points, params, k, geographic):
@@ -1085,25 +1061,6 @@ def _local_precision(points, params, k, geographic):
     loo = sp.csr_matrix((weights.ravel(), (rows, index.ravel())), shape=(n_sites, n_sites))
     precision = sp.diags(1.0 / loo_variance) @ (sp.identity(n_sites, format="csr") - loo)
     return ((precision + precision.T) * 0.5).tocsr()
-
-
-def _score_posterior(observed_loadings, eigenvalues, precision):
-    """``G = (Lambda^{-1} + B^T Q B)^{-1}`` and ``Q B``, as ``D (I + D B^T Q B D)^{-1} D``.
-
-    Returns None when the (approximate) information matrix is not positive definite.
-    """
-    if eigenvalues.size == 0:
-        return np.zeros((0, 0)), np.zeros((observed_loadings.shape[0], 0))
-    weighted = precision @ observed_loadings
-    root = np.sqrt(eigenvalues)
-    inner = root[:, None] * (observed_loadings.T @ weighted) * root[None, :]
-    inner = 0.5 * (inner + inner.T)
-    inner[np.diag_indices_from(inner)] += 1.0
-    try:
-        factor = sla.cho_factor(inner, lower=True, check_finite=False)
-    except np.linalg.LinAlgError:
-        return None
-    return root[:, None] * sla.cho_solve(factor, np.diag(root), check_finite=False), weighted
 
 
 def krige_with_fine_scale(data, loadings, eigenvalues, params, coords, *, target_loadings=None,
@@ -1171,13 +1128,12 @@ def krige_with_fine_scale(data, loadings, eigenvalues, params, coords, *, target
         observed = centred[np.ix_(times, sites)]
         observed_points = points[sites]
         observed_loadings = loadings[sites]
-        white = sp.identity(sites.size, format="csr") / params.sill
         posterior = None
         if scores == "local" and eigenvalues.size:
             precision = _local_precision(observed_points, params, k, geographic)
-            posterior = _score_posterior(observed_loadings, eigenvalues, precision)
-        if posterior is None:
-            posterior = _score_posterior(observed_loadings, eigenvalues, white)
+            posterior = score_posterior(observed_loadings, eigenvalues, precision)
+        if posterior is None:  # white: the fine scale and nugget as independent noise
+            posterior = score_posterior(observed_loadings, eigenvalues, 1.0 / params.sill)
         score_covariance, weighted = posterior
         score_mean = observed @ weighted @ score_covariance
         remainder = observed - score_mean @ observed_loadings.T

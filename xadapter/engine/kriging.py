@@ -146,14 +146,19 @@ def check_low_rank(data, loadings, eigenvalues):
     return data, loadings, eigenvalues
 
 
-def _validate(data, loadings, eigenvalues, noise_variance, target_loadings, mean, target_mean):
+def check_kriging_inputs(data, loadings, eigenvalues, target_loadings, mean, target_mean):
+    """Validate the inputs every kriging shares (low-rank and fine-scale).
+
+    Targets default to the fitted sites (``target_mean`` then defaults to ``mean``);
+    with new targets a ``mean`` needs its ``target_mean``.
+
+    Returns
+    -------
+    data (T, N), loadings (N, K), eigenvalues (K,), target_loadings (P, K), mean (N,),
+    target_mean (P,) as float64 arrays (zeros for a missing mean).
+    """
     data, loadings, eigenvalues = check_low_rank(data, loadings, eigenvalues)
     n_sites, rank = loadings.shape
-    noise_variance = float(noise_variance)
-    if not (np.isfinite(noise_variance) and noise_variance > 0):
-        raise InputError(
-            f"noise_variance must be a positive finite number (data units squared), got {noise_variance}."
-        )
     if target_loadings is None:
         target_loadings = loadings
         if target_mean is None:
@@ -174,21 +179,47 @@ def _validate(data, loadings, eigenvalues, noise_variance, target_loadings, mean
             )
     mean = _as_site_vector(mean, "mean", n_sites, "fitted site")
     target_mean = _as_site_vector(target_mean, "target_mean", target_loadings.shape[0], "target")
-    return data, loadings, eigenvalues, noise_variance, target_loadings, mean, target_mean
+    return data, loadings, eigenvalues, target_loadings, mean, target_mean
 
 
-def _conditional_score_covariance(observed_loadings, eigenvalues, white_variance):
-    """``(Lambda^{-1} + B_O^T B_O / s^2)^{-1}``, computed stably as ``D (I + D G D)^{-1} D``.
+def score_posterior(observed_loadings, eigenvalues, precision):
+    """Posterior of the scores given observations with precision ``Q``.
 
-    With ``D = Lambda^{1/2}`` the matrix to factor has eigenvalues >= 1, so tiny
-    eigenvalues do not spoil the factorisation.
+    ``G = (Lambda^{-1} + B^T Q B)^{-1}``, computed stably as ``D (I + D B^T Q B D)^{-1} D``
+    with ``D = Lambda^{1/2}``: the matrix factored has eigenvalues >= 1, so tiny
+    eigenvalues do not spoil it. The posterior mean of the scores of observations
+    ``r`` (rows) is ``r (Q B) G``.
+
+    Parameters
+    ----------
+    observed_loadings : ndarray (n, L)
+        ``B`` at the observed sites, positive components only.
+    eigenvalues : ndarray (L,)
+        Positive eigenvalues ``Lambda``.
+    precision : float or (n, n) array or sparse matrix
+        ``Q``: a number ``q`` for white noise (``Q = q I``, e.g. ``1 / sigma^2``), else the
+        (approximate) inverse covariance of what the low rank leaves.
+
+    Returns
+    -------
+    (G (L, L), Q B (n, L)), or None when ``I + D B^T Q B D`` is not positive definite
+    (an approximate ``Q`` that is not).
     """
+    if eigenvalues.size == 0:
+        return np.zeros((0, 0)), np.zeros((observed_loadings.shape[0], 0))
+    if np.ndim(precision) == 0:
+        weighted = observed_loadings * float(precision)
+    else:
+        weighted = precision @ observed_loadings
     root = np.sqrt(eigenvalues)
-    scaled = observed_loadings * root
-    inner = scaled.T @ scaled / white_variance
+    inner = root[:, None] * (observed_loadings.T @ weighted) * root[None, :]
+    inner = 0.5 * (inner + inner.T)
     inner[np.diag_indices_from(inner)] += 1.0
-    factor = sla.cho_factor(inner, lower=True, check_finite=False)
-    return root[:, None] * sla.cho_solve(factor, np.diag(root), check_finite=False)
+    try:
+        factor = sla.cho_factor(inner, lower=True, check_finite=False)
+    except np.linalg.LinAlgError:
+        return None
+    return root[:, None] * sla.cho_solve(factor, np.diag(root), check_finite=False), weighted
 
 
 def observation_patterns(data, skip_empty=True):
@@ -250,9 +281,9 @@ def _low_rank_krige(centred, loadings, eigenvalues, white_variance, target_loadi
 
     for times, sites in observation_patterns(centred, skip_empty=False):
         observed_loadings = loadings[sites]
-        cond = _conditional_score_covariance(observed_loadings, eigenvalues, white_variance)
+        cond, weighted = score_posterior(observed_loadings, eigenvalues, 1.0 / white_variance)
         observed = centred[np.ix_(times, sites)]
-        scores[times] = (observed @ observed_loadings) @ cond / white_variance
+        scores[times] = (observed @ weighted) @ cond
         if return_remainders:
             remainders[np.ix_(times, sites)] = observed - scores[times] @ observed_loadings.T
         block = max(1, _BLOCK_ENTRIES // max(len(times), rank))
@@ -313,9 +344,14 @@ def krige(data, loadings, eigenvalues, noise_variance, *, target_loadings=None, 
     KrigingResult
         ``mean``, ``variance``, ``lower``, ``upper`` of shape (T, P).
     """
-    data, loadings, eigenvalues, noise_variance, target_loadings, mean, target_mean = _validate(
-        data, loadings, eigenvalues, noise_variance, target_loadings, mean, target_mean
+    data, loadings, eigenvalues, target_loadings, mean, target_mean = check_kriging_inputs(
+        data, loadings, eigenvalues, target_loadings, mean, target_mean
     )
+    noise_variance = float(noise_variance)
+    if not (np.isfinite(noise_variance) and noise_variance > 0):
+        raise InputError(
+            f"noise_variance must be a positive finite number (data units squared), got {noise_variance}."
+        )
     level, multiplier = _interval_multiplier(level, multiplier)
 
     positive = eigenvalues > 0
