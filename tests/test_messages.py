@@ -67,3 +67,10 @@ def test_kriged_variables_are_read_by_key(trended):
     assert set(out.data_vars) == {"mean", "variance", "lower", "upper"}
     assert isinstance(out["mean"], xr.DataArray) and callable(out.mean)
     np.testing.assert_allclose(out["upper"] - out["mean"], out["mean"] - out["lower"], atol=1e-10)
+
+
+def test_kriged_coordinates_keep_their_attributes(trended):
+    _, resid, covariates, adapter = trended
+    out = adapter.krige(resid.isel(time=slice(50, None)), covariates=covariates)
+    assert out["lat"].attrs.get("units") == "degrees_north"
+    assert out["lon"].attrs.get("units") == "degrees_east"

@@ -466,7 +466,7 @@ class SpatialAdapter:
     def _with_fitted_coords(self, aligned):
         """``aligned`` (time, site position) relabelled with the fitted site coordinates."""
         site_dim = self._site_dim
-        coords = {k: (site_dim, v.values) for k, v in self.state[site_dim].coords.items()}
+        coords = {k: (site_dim, v.values, v.attrs) for k, v in self.state[site_dim].coords.items()}
         return aligned.drop_vars(site_dim).assign_coords(coords)
 
     def _covariates_at(self, covariates, stacked, site_dim, time_dim, what):
@@ -508,7 +508,8 @@ class SpatialAdapter:
         dim = template.dims[0]
         units = self.state.attrs.get("units", "")
         coords = {time_dim: times.values}
-        coords.update({k: (dim, v.values) for k, v in template.coords.items() if v.dims == (dim,)})
+        # coordinate attributes (units, standard_name) travel with the targets
+        coords.update({k: (dim, v.values, v.attrs) for k, v in template.coords.items() if v.dims == (dim,)})
         out = xr.Dataset(coords=coords)
         what = "new observation" if include_noise else "latent residual field"
         specs = {
