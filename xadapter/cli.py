@@ -578,8 +578,9 @@ def _demo(args):
             written += _write_maps(adapter, out, prefix="ozone_", kriged=maps,
                                    sites=train_cells.isel(time=0, drop=True))
         except ImportError:
-            # the demo's numbers and files stand without maps; plot is optional
-            say("(matplotlib not installed: no plots; pip install \"xadapter[plot]\")")
+            # matplotlib is a dependency, but a trimmed environment may lack it; the
+            # demo's numbers and NetCDF files stand without the maps
+            say("(matplotlib is not importable: no PNG maps; pip install matplotlib)")
     say("\nwrote " + ", ".join(str(path) for path in written))
     return 0
 
