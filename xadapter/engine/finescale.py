@@ -938,6 +938,28 @@ def _target_blocks(n_targets, k, n_times, dim):
         yield slice(start, min(start + block, n_targets))
 
 
+def _neighbour_weights(observed_points, target_points, k, n_times, params, geographic):
+    """Simple-kriging weights of each target on its ``k`` nearest observed points, in blocks.
+
+    Yields
+    ------
+    part : slice
+        The block of targets.
+    neighbour_index : ndarray (B, k)
+        Positions of each target's neighbours among ``observed_points``.
+    weights, covariance : ndarray (B, k)
+        Kriging weights and target-neighbour covariances (:func:`_local_weights`).
+    """
+    k_here = min(k, observed_points.shape[0])
+    tree = cKDTree(observed_points)
+    for part in _target_blocks(target_points.shape[0], k_here, n_times, observed_points.shape[1]):
+        _, neighbour_index = tree.query(target_points[part], k=k_here)
+        neighbour_index = np.asarray(neighbour_index).reshape(-1, k_here)
+        weights, covariance = _local_weights(observed_points, target_points[part], neighbour_index,
+                                             params, geographic)
+        yield part, neighbour_index, weights, covariance
+
+
 def local_simple_krige(values, coords, target_coords, params, *, k=20, geographic=False,
                        include_nugget=True):
     """Simple kriging (zero mean) of fine-scale remainders from the k nearest observed sites.
@@ -998,13 +1020,8 @@ def local_simple_krige(values, coords, target_coords, params, *, k=20, geographi
     for times, sites in observation_patterns(values):
         observed = values[np.ix_(times, sites)]
         observed_points = points[sites]
-        k_here = min(k, sites.size)
-        tree = cKDTree(observed_points)
-        for part in _target_blocks(n_targets, k_here, times.size, points.shape[1]):
-            _, neighbour_index = tree.query(targets[part], k=k_here)
-            neighbour_index = np.asarray(neighbour_index).reshape(-1, k_here)
-            weights, covariance = _local_weights(observed_points, targets[part], neighbour_index,
-                                                 params, geographic)
+        for part, neighbour_index, weights, covariance in _neighbour_weights(
+                observed_points, targets, k, times.size, params, geographic):
             mean[times, part] = np.einsum("tbk,bk->tb", observed[:, neighbour_index], weights)
             variance[times, part] = prior - np.einsum("bk,bk->b", weights, covariance)
     np.maximum(variance, 0.0, out=variance)
@@ -1137,13 +1154,8 @@ def krige_with_fine_scale(data, loadings, eigenvalues, params, coords, *, target
         score_covariance, weighted = posterior
         score_mean = observed @ weighted @ score_covariance
         remainder = observed - score_mean @ observed_loadings.T
-        k_here = min(k, sites.size)
-        tree = cKDTree(observed_points)
-        for part in _target_blocks(n_targets, k_here, times.size, points.shape[1]):
-            _, neighbour_index = tree.query(target_points[part], k=k_here)
-            neighbour_index = np.asarray(neighbour_index).reshape(-1, k_here)
-            weights, covariance = _local_weights(observed_points, target_points[part], neighbour_index,
-                                                 params, geographic)
+        for part, neighbour_index, weights, covariance in _neighbour_weights(
+                observed_points, target_points, k, times.size, params, geographic):
             corrected = target_loadings[part] - np.einsum("bk,bkl->bl", weights,
                                                           observed_loadings[neighbour_index])
             predicted[times, part] = (score_mean @ target_loadings[part].T
