@@ -150,3 +150,82 @@ def test_adapter_file_honours_the_umask(tmp_path, umask, mask, expected):
     umask(mask)
     adapter.to_netcdf(tmp_path / "adapter.nc")
     assert stat.S_IMODE(os.stat(tmp_path / "adapter.nc").st_mode) == expected
+
+
+# ---------------------------------------------------------------------- open_weather2k
+def test_open_weather2k_by_names_and_by_row_indices(tmp_path):
+    path = tmp_path / "weather2k.npy"
+    array = _weather2k_file(path, n_stations=7, n_times=50, seed=1)
+    by_name = io.open_weather2k(path, variables=["t", "rh"], start="2018-03-01", freq="h", chunks={"time": 20})
+    # rows 0-2 are lat, lon, altitude: "t" is row 4 and "rh" row 8 of the published layout
+    by_row = io.open_weather2k(path, variables=[4, np.int64(8)], start="2018-03-01", freq="h", chunks={"time": 20})
+    for ds in (by_name, by_row):
+        assert list(ds.data_vars) == ["t", "rh"]
+        assert ds["t"].dims == ("time", "station")
+        # lazy: dask-backed, chunked along time with every station in each chunk
+        assert all(hasattr(ds[name].data, "dask") for name in ds.data_vars)
+        assert ds["t"].chunks == ((20, 20, 10), (7,))
+        np.testing.assert_array_equal(ds["t"].values, array[:, 4, :].T)
+        np.testing.assert_array_equal(ds["rh"].values, array[:, 8, :].T)
+        assert ds["rh"].dtype == array.dtype
+        assert ds["rh"].attrs["units"] == "%"
+        np.testing.assert_allclose(ds["altitude"].values, array[:, 2, 0], rtol=1e-6)
+        assert ds["time"].values[0] == np.datetime64("2018-03-01T00:00")
+    xr.testing.assert_identical(by_name.compute(), by_row.compute())
+    # names and indices mix; "all" reads the 20 variables in file order
+    mixed = io.open_weather2k(path, variables=("ws", 3))
+    assert list(mixed.data_vars) == ["ws", "ap"]
+    everything = io.open_weather2k(path, variables="all")
+    assert len(everything.data_vars) == 20
+    np.testing.assert_array_equal(everything["vv"].values, array[:, 22, :].T)
+    assert io.read_weather2k is io.open_weather2k
+
+
+def test_open_weather2k_chunks_pickle_without_the_data(tmp_path):
+    # a distributed worker gets the file name, not a copy of the memory map
+    import pickle
+
+    path = tmp_path / "weather2k.npy"
+    array = _weather2k_file(path, n_stations=40, n_times=2000)
+    ds = io.open_weather2k(path, variables="t", chunks=500)
+    graph = dict(ds["t"].data.__dask_graph__())
+    assert len(pickle.dumps(graph)) < array.nbytes / 20
+    restored = pickle.loads(pickle.dumps(ds))
+    np.testing.assert_array_equal(restored["t"].values, array[:, 4, :].T)
+
+
+@pytest.mark.parametrize(
+    "variables, match",
+    [
+        (["temperature"], "unknown Weather2K variables"),
+        ([2], r"row index 2 is not a variable.*altitude"),
+        ([23], r"row index 23 is not a variable; variable rows are 3-22"),
+        ([-1], "row index -1"),
+        ([True], "neither a short name"),
+        ([4.0], "neither a short name"),
+        (["t", 4], "requested twice"),
+        ([], "empty"),
+    ],
+)
+def test_open_weather2k_bad_variables(tmp_path, variables, match):
+    path = tmp_path / "weather2k.npy"
+    _weather2k_file(path)
+    with pytest.raises(InputError, match=match):
+        io.open_weather2k(path, variables=variables)
+
+
+def test_open_weather2k_bad_files_and_options(tmp_path):
+    with pytest.raises(InputError, match="no such file"):
+        io.open_weather2k(tmp_path / "missing.npy")
+    text = tmp_path / "text.npy"
+    text.write_text("not an array")
+    with pytest.raises(InputError, match="cannot read"):
+        io.open_weather2k(text)
+    path = tmp_path / "weather2k.npy"
+    _weather2k_file(path)
+    with pytest.raises(InputError, match="station_ids has 3 labels for 5 stations"):
+        io.open_weather2k(path, station_ids=["a", "b", "c"])
+    with pytest.raises(InputError, match="chunks has dims"):
+        io.open_weather2k(path, chunks={"hour": 10})
+    with pytest.raises(InputError, match="time stamps"):
+        io.open_weather2k(path, start="not a date")
