@@ -1,0 +1,207 @@
+"""Sphinx configuration of the xadapter documentation.
+
+Build with ``sphinx-build -W -b html docs docs/_build/html`` (``pip install ".[docs]"``).
+The build needs no network: no intersphinx inventories are fetched and the gallery
+scripts in ``docs/examples/`` are shown, not executed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import sys
+from pathlib import Path
+
+from docutils import nodes
+from docutils.parsers.rst import Directive, directives
+
+ROOT = Path(__file__).resolve().parent.parent
+# the package is normally installed (editable); fall back to the source tree
+sys.path.insert(0, str(ROOT))
+
+import xadapter  # noqa: E402
+
+# ---------------------------------------------------------------------- project
+project = "xadapter"
+author = "xadapter developers"
+copyright = "xadapter developers"
+version = release = xadapter.__version__
+
+# ---------------------------------------------------------------------- general
+extensions = [
+    "sphinx.ext.autodoc",
+    "sphinx.ext.autosummary",
+    "sphinx.ext.mathjax",
+    "sphinx.ext.viewcode",
+    "numpydoc",
+    "myst_parser",
+]
+
+source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
+root_doc = "index"
+exclude_patterns = ["_build", "Thumbs.db", ".DS_Store", "examples/*.png"]
+templates_path = []
+
+# math in the Markdown pages ($...$, $$...$$) and ```{math} blocks
+myst_enable_extensions = ["dollarmath", "amsmath"]
+myst_heading_anchors = 3
+
+# ---------------------------------------------------------------------- autodoc
+# The API pages are hand-written automodule/autoclass pages; the autosummary tables
+# only link to them, so no stub files are generated into the source tree.
+autosummary_generate = False
+autodoc_member_order = "bysource"
+autodoc_typehints = "none"  # the numpydoc sections carry the types
+autodoc_default_options = {"members": True, "show-inheritance": False}
+
+# numpydoc: no per-class member tables (autodoc already documents the members, and
+# the tables would point at stub pages that are not generated).
+numpydoc_show_class_members = False
+numpydoc_show_inherited_class_members = False
+numpydoc_class_members_toctree = False
+numpydoc_attributes_as_param_list = True
+numpydoc_xref_param_type = False
+numpydoc_validation_checks = set()
+
+# Cross-references to numpy/xarray/scipy types cannot resolve without intersphinx
+# (no network at build time); nitpicky stays off so that they render as plain text.
+nitpicky = False
+
+# ---------------------------------------------------------------------- html
+html_theme = "alabaster"
+html_title = f"xadapter {release}"
+html_static_path = []
+html_theme_options = {
+    "description": "Spatial adapters for the residuals of frozen forecast models, on xarray",
+    "fixed_sidebar": True,
+    "page_width": "1100px",
+    "sidebar_width": "240px",
+}
+html_sidebars = {"**": ["about.html", "navigation.html", "relations.html", "searchbox.html"]}
+html_show_sourcelink = False
+
+
+# ---------------------------------------------------------------------- CLI help
+class CommandHelp(Directive):
+    """``.. command-help:: [SUBCOMMAND]``: the ``--help`` text of the ``xadapter`` command.
+
+    Taken from :func:`xadapter.cli.build_parser` at build time, so the options shown
+    are the ones the installed command accepts.
+    """
+
+    optional_arguments = 1
+    has_content = False
+    option_spec = {"width": directives.positive_int}
+
+    def run(self):
+        from xadapter.cli import build_parser
+
+        width = self.options.get("width", 88)
+        previous = os.environ.get("COLUMNS")
+        os.environ["COLUMNS"] = str(width)  # argparse wraps help text to $COLUMNS
+        try:
+            parser = build_parser()
+            if self.arguments:
+                name = self.arguments[0]
+                subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+                if name not in subparsers.choices:
+                    raise self.error(f"xadapter has no subcommand {name!r}")
+                parser = subparsers.choices[name]
+            text = parser.format_help()
+        finally:
+            if previous is None:
+                os.environ.pop("COLUMNS", None)
+            else:
+                os.environ["COLUMNS"] = previous
+        block = nodes.literal_block(text, text)
+        block["language"] = "text"
+        return [block]
+
+
+# ---------------------------------------------------------------------- autodoc hooks
+def skip_foreign_members(app, what, name, obj, skip, options):
+    """Leave out classes and functions a module imports from elsewhere (e.g. scipy's cKDTree).
+
+    autodoc cannot always tell that a compiled class is imported, and then tries to
+    document it on every engine page that imports it.
+    """
+    if what == "module" and (inspect.isclass(obj) or inspect.isroutine(obj)):
+        module = getattr(obj, "__module__", None) or ""
+        if not module.startswith("xadapter"):
+            return True
+    return None
+
+
+#: Docstrings of the package that are not valid reStructuredText, repaired at build
+#: time (object name -> (text, replacement) pairs on single lines). Each entry is a
+#: no-op once the docstring itself is fixed.
+DOCSTRING_REPAIRS = {
+    # an indented formula with |Phi|_1 is read as a block quote with a substitution
+    "xadapter.engine.basis": [(":func:`solve_basis` returns", ":func:`solve_basis` returns::")],
+    # "site_" is read as a hyperlink reference
+    "xadapter.labelled.model.SpatialAdapter.covariance": [("(site, site_)", "(site, ``site_``)")],
+    "xadapter.SpatialAdapter.covariance": [("(site, site_)", "(site, ``site_``)")],
+}
+
+
+def repair_docstrings(app, what, name, obj, options, lines):
+    for old, new in DOCSTRING_REPAIRS.get(name, ()):
+        for i, line in enumerate(lines):
+            if old in line and new not in line:
+                lines[i] = line.replace(old, new, 1)
+                break
+
+
+#: Module paths from before the package was split into ``engine`` and ``labelled``,
+#: still used in a few package docstrings: cross-references to them are resolved to
+#: the current modules instead of rendering as plain text.
+OLD_MODULE_PATHS = {
+    "xadapter.basis": "xadapter.engine.basis",
+    "xadapter.extend": "xadapter.engine.extend",
+    "xadapter.kriging": "xadapter.engine.kriging",
+    "xadapter.penalty": "xadapter.engine.penalty",
+    "xadapter.trend": "xadapter.engine.trend",
+    "xadapter.model": "xadapter.labelled.model",
+}
+
+
+#: Where short names in package docstrings (``:class:`SpatialAdapter```, ``:func:`load```,
+#: ``:class:`Sites```) are documented when the docstring's own module does not hold them.
+SHORT_NAME_MODULES = (
+    "xadapter",
+    "xadapter.labelled.model",
+    "xadapter.exceptions",
+    "xadapter.engine",
+    "xadapter.engine.fitted",
+    "xadapter.engine.sites",
+)
+
+
+def resolve_xadapter_names(app, env, node, contnode):
+    """Resolve references that the Python domain misses: old module paths and short names."""
+    if node.get("refdomain") != "py":
+        return None
+    target = node.get("reftarget", "")
+    candidates = []
+    for old, new in OLD_MODULE_PATHS.items():
+        if target == old or target.startswith(old + "."):
+            candidates.append(new + target[len(old):])
+    if not target.startswith("xadapter"):
+        candidates += [f"{module}.{target}" for module in SHORT_NAME_MODULES]
+    domain = env.get_domain("py")
+    for candidate in candidates:
+        if candidate == "xadapter.labelled.model.SpatialAdapter":
+            candidate = "xadapter.SpatialAdapter"  # documented under its public name
+        found = domain.resolve_xref(env, node["refdoc"], app.builder, node["reftype"], candidate, node, contnode)
+        if found is not None:
+            return found
+    return None
+
+
+def setup(app):
+    app.add_directive("command-help", CommandHelp)
+    app.connect("missing-reference", resolve_xadapter_names)
+    app.connect("autodoc-skip-member", skip_foreign_members)
+    app.connect("autodoc-process-docstring", repair_docstrings)
+    return {"parallel_read_safe": True}
