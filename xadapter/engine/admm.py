@@ -12,7 +12,7 @@ Lagrangian is ``f(Z, Phi) + (rho / 2) ||Z - R + X theta + U||^2 + penalties``, w
 ``f(Z, Phi) = ||J Z (I - P)||^2``. One iteration on a window ``B`` of times:
 
 1. **theta-step** (closed form, all times): ridge regression of ``R - Z - U`` on the
-   covariates, over observed entries only (:class:`xadapter.trend.RidgeTrend`).
+   covariates, over observed entries only (:class:`xadapter.engine.trend.RidgeTrend`).
 2. **Z-step** (rows of ``B``, the other rows fixed): with ``Q = R_B - mu_B - U_B``,
    minimising ``f + (rho/2)||Z_B - Q||^2`` exactly gives::
 
@@ -32,7 +32,7 @@ Lagrangian is ``f(Z, Phi) + (rho / 2) ||Z - R + X theta + U||^2 + penalties``, w
 3. **U-step**: ``U_B += Z_B - (R_B - mu_B)`` (plus ``momentum`` times the previous
    increment of those rows, a heavy-ball extrapolation).
 4. **Phi-step** (every ``phi_every`` iterations, frozen after ``phi_freeze``):
-   :func:`xadapter.basis.solve_basis` on the feasible point ``W = R - X theta``
+   :func:`xadapter.engine.basis.solve_basis` on the feasible point ``W = R - X theta``
    (centred over all stored times), warm-started from the previous basis.
 
 This is the order of DESIGN section 1 (Phi, theta, Z, U) started from an initial
@@ -402,10 +402,10 @@ def fit_adapter(data, rank, *, omega=None, tau1=0.0, tau2=0.0, covariates=None, 
         Smoothness penalty (needed when ``tau1 > 0``).
     tau1, tau2 : float
         Smoothness and sparsity weights of the Phi-step (see
-        :func:`xadapter.basis.solve_basis`).
+        :func:`xadapter.engine.basis.solve_basis`).
     covariates : array_like, optional
         Trend covariates ``(T, N, p)``, ``(T, p)`` or ``(N, p)`` (see
-        :func:`xadapter.trend.as_covariates`). None: no trend.
+        :func:`xadapter.engine.trend.as_covariates`). None: no trend.
     ridge : float, default 1e-6
         Ridge weight of the theta-step (added to ``X^T M X``).
     rho : float, default 1.0
@@ -429,7 +429,7 @@ def fit_adapter(data, rank, *, omega=None, tau1=0.0, tau2=0.0, covariates=None, 
         Eigensolver of the Phi-step.
     init : array_like, shape (N, K), optional
         Warm start of the first Phi-step (e.g. the basis at a neighbouring ``tau1``);
-        see :func:`xadapter.basis.solve_basis`.
+        see :func:`xadapter.engine.basis.solve_basis`.
     progress : bool, None, int or callable, default None
         True: a bar over the iterations on stderr (closed early on convergence, with
         the primal and dual residuals and the basis change); False: silent; None: a

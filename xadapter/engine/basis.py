@@ -2,7 +2,7 @@
 
 Given residuals ``D`` of shape ``(T, N)`` (time rows, space columns), time-centred
 ``Dc = D - 1 mean^T``, a symmetric smoothness penalty ``Omega`` (N x N) and weights
-``tau1`` (smoothness) and ``tau2`` (sparsity), :func:`solve_basis` returns
+``tau1`` (smoothness) and ``tau2`` (sparsity), :func:`solve_basis` returns::
 
     Phi = argmax_{Phi^T Phi = I_K}  tr(Phi^T (Dc^T Dc - tau1 Omega) Phi) - tau2 |Phi|_1
 
@@ -314,7 +314,7 @@ def _check_omega(omega, n_sites, tau1):
     if omega is None:
         if tau1 > 0:
             raise InputError(f"tau1 = {tau1} > 0 needs a penalty matrix omega (N x N); pass omega "
-                             "(e.g. from xadapter.penalty.build_penalty) or set tau1 = 0.")
+                             "(e.g. from xadapter.engine.penalty.build_penalty) or set tau1 = 0.")
         return None
     if sp.issparse(omega):
         omega = sp.csr_matrix(omega, dtype=np.float64)
@@ -683,7 +683,7 @@ def solve_basis(data, rank, *, omega=None, tau1=0.0, tau2=0.0, init=None, center
         Number of columns ``K``, ``1 <= K < N``.
     omega : ndarray or scipy.sparse matrix, shape (N, N), optional
         Symmetric positive semi-definite smoothness penalty (e.g. from
-        :func:`xadapter.penalty.build_penalty`); needed when ``tau1 > 0``.
+        :func:`xadapter.engine.penalty.build_penalty`); needed when ``tau1 > 0``.
     tau1 : float, default 0
         Smoothness weight, in the units of ``Dc^T Dc`` (data units squared times time
         steps) per unit of ``Omega``.

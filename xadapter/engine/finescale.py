@@ -112,9 +112,12 @@ _SQRT3 = np.sqrt(3.0)
 #: sill into nugget and partial sill (see :func:`fit_fine_scale`).
 LOCAL_NEIGHBOURS = 8
 
-#: Largest number of centre sites, and of (site, pattern of observed neighbours) blocks,
-#: in the local likelihood; bound its memory (~1.5 kB per block) and time whatever N and T.
+#: Largest number of centre sites in the local likelihood (bounds its memory and time
+#: whatever N and T).
 LOCAL_MAX_CENTRES = 1000
+
+#: Largest number of (site, pattern of observed neighbours) blocks in the local
+#: likelihood (~1.5 kB each).
 LOCAL_MAX_BLOCKS = 4000
 
 #: Fitted correlation at the typical nearest-neighbour distance below which the data
@@ -1109,7 +1112,7 @@ def krige_with_fine_scale(data, loadings, eigenvalues, params, coords, *, target
     mean : array_like, shape (N,), optional
         Site mean subtracted at the observed sites (default 0).
     target_mean : array_like, shape (P,), optional
-        Mean added back at the targets (defaults as in :func:`xadapter.kriging.krige`).
+        Mean added back at the targets (defaults as in :func:`xadapter.engine.kriging.krige`).
     include_noise : bool, default True
         Add ``tau^2``: variance of a new observation rather than of the latent field.
     k : int, default 30

@@ -15,7 +15,7 @@ share one factorisation.
 
 ``Lambda_cond`` is also the posterior covariance of the scores ``a_t`` given the
 observations, and ``Lambda_cond B_O^T r_O / sigma^2`` their posterior mean, which
-is what :func:`_low_rank_krige` returns next to the kriged field so that a
+is what ``_low_rank_krige`` returns next to the kriged field so that a
 fine-scale term (simple kriging of the observed remainders ``r_O - B_O a_hat``)
 can be added on top.
 """
@@ -322,7 +322,7 @@ def krige(data, loadings, eigenvalues, noise_variance, *, target_loadings=None, 
         ``sigma^2 > 0``, data units squared.
     target_loadings : array_like, shape (P, K), optional
         ``B`` at the targets (e.g. extended to new sites with
-        :func:`xadapter.extend.extend_basis`). Default: the fitted sites
+        :func:`xadapter.engine.extend.extend_basis`). Default: the fitted sites
         themselves, so unobserved entries are filled and observed ones come back
         smoothed (the latent signal, not the observation).
     mean : array_like, shape (N,), optional
