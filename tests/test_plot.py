@@ -293,9 +293,9 @@ def test_selection_plot_crps_against_tau1(station_field):
     np.testing.assert_array_equal(line.get_ydata(), adapter.selection["crps"].values[np.argsort(tau1)])
 
 
-def test_missing_matplotlib_names_the_extra(monkeypatch, grid_adapter):
+def test_missing_matplotlib_names_the_fix(monkeypatch, grid_adapter):
     monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
-    with pytest.raises(ImportError, match=r"pip install 'xadapter\[plot\]'"):
+    with pytest.raises(ImportError, match=r"pip install matplotlib"):
         plot.basis_maps(grid_adapter)
 
 

@@ -499,7 +499,7 @@ def _plot(args):
 
         plot._pyplot()
     except ImportError:
-        raise CommandError("plots need matplotlib, which is not installed: pip install \"xadapter[plot]\"") from None
+        raise CommandError("plots need matplotlib, which is missing from this environment: pip install matplotlib") from None
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise CommandError(f"--out {out} is a file, not a folder")

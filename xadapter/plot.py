@@ -13,7 +13,7 @@ map projection or coastlines:
 Longitudes are shown in whichever convention (-180..180 or 0..360) gives the
 narrower domain, so a domain across the dateline is drawn in one piece.
 
-matplotlib is an optional dependency: ``pip install 'xadapter[plot]'``.
+matplotlib is a dependency of the package; this module imports it on first use.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def _pyplot():
         import matplotlib.pyplot as plt
     except ImportError as error:
         raise ImportError(
-            "xadapter.plot needs matplotlib, which is not installed: pip install 'xadapter[plot]'"
+            "xadapter.plot needs matplotlib, which is missing from this environment: pip install matplotlib (or reinstall xadapter)"
         ) from error
     return plt
 
