@@ -20,6 +20,12 @@ from ..exceptions import CoordinateError, DuplicateSiteError, InputError
 #: Mean Earth radius (IUGG), km.
 EARTH_RADIUS_KM = 6371.0088
 
+#: Two sites closer than this fraction of the coordinate scale (the largest absolute
+#: coordinate; 1 on the unit sphere) are the same point. Float64 coordinates carry
+#: about 1e-16 relative rounding, so 1e-12 is far above rounding while far below any
+#: real station spacing (6 micrometres on the Earth's surface).
+DUPLICATE_RELATIVE_TOLERANCE = 1e-12
+
 #: Above this angular radius (degrees from the domain centre) a single azimuthal
 #: projection distorts too much and planar work uses 3-D chordal coordinates instead.
 GLOBAL_DOMAIN_DEGREES = 60.0
@@ -136,8 +142,11 @@ def check_duplicate_sites(coords, *, what="planar", tolerance=None):
     coords : array_like, shape (N, d)
         Site coordinates (planar, or 3-D unit-sphere coordinates).
     tolerance : float, optional
-        Distance under which two sites count as the same. Default: 1e-9 of the
-        coordinate scale (about 6 mm on the unit sphere of the Earth).
+        Distance under which two sites count as the same. Default:
+        :data:`DUPLICATE_RELATIVE_TOLERANCE` of the coordinate scale (about 6
+        micrometres on the unit sphere of the Earth): only the same point, up to
+        float64 rounding of the coordinates, is a duplicate; two stations 1 mm apart
+        are distinct sites (the fit handles them, see the tests of near-duplicates).
     """
     coords = np.asarray(coords, dtype=np.float64)
     if coords.ndim == 1:
@@ -146,7 +155,7 @@ def check_duplicate_sites(coords, *, what="planar", tolerance=None):
         return
     if tolerance is None:
         scale = float(np.max(np.abs(coords))) or 1.0
-        tolerance = 1e-9 * scale
+        tolerance = DUPLICATE_RELATIVE_TOLERANCE * scale
     pairs = cKDTree(coords).query_pairs(r=tolerance, output_type="ndarray")
     if len(pairs):
         shown = ", ".join(f"({int(a)}, {int(b)})" for a, b in pairs[:5])

@@ -74,6 +74,37 @@ def find_time_dim(obj, time_dim=None):
     )
 
 
+def check_time_index(obj, time_dim, *, what="residuals"):
+    """Refuse a duplicated or unordered time index along ``time_dim``.
+
+    The fit reads time order (lag-1 autocorrelation for the effective sample size,
+    contiguous mini-batches and time blocks) and one score per time label, so a time
+    step given twice or times out of order would be fitted without a word and give
+    wrong statistics. Times may increase or decrease, strictly. Without a time
+    coordinate (positions only) there is nothing to check.
+    """
+    if time_dim not in obj.indexes:
+        return
+    index = obj.indexes[time_dim]
+    duplicated = index[index.duplicated()].unique()
+    if len(duplicated):
+        shown = ", ".join(str(_plain(t)) for t in duplicated[:5])
+        more = f" and {len(duplicated) - 5} more" if len(duplicated) > 5 else ""
+        raise InputError(
+            f"the {what} have duplicated {time_dim!r} labels: {shown}{more}; each time step must "
+            f"appear once: drop or average the repeats (e.g. .groupby({time_dim!r}).mean())."
+        )
+    if not (index.is_monotonic_increasing or index.is_monotonic_decreasing):
+        values = np.asarray(index)
+        forward = [bool(later > earlier) for earlier, later in zip(values[:-1], values[1:])]
+        first = forward.index(not forward[0]) + 1
+        raise InputError(
+            f"the {what} have {time_dim!r} labels out of order (e.g. {_plain(values[first])} after "
+            f"{_plain(values[first - 1])} at position {first}); the fit uses the time order: sort them "
+            f"first with .sortby({time_dim!r})."
+        )
+
+
 def space_dims_of(obj, time_dim, space_dims=None, exclude=("feature",)):
     """The space dims of ``obj``: every dim but time (and ``exclude``) unless given."""
     if space_dims is not None:
@@ -268,13 +299,31 @@ def covariate_array(covariates, stacked, time_dim, site_dim, space_dims, *, what
         raise InputError(f"covariates must be an xarray.DataArray, got {type(covariates).__name__}.")
     if "feature" not in covariates.dims:
         raise InputError(f"covariates need a 'feature' dim (dims: {tuple(covariates.dims)}).")
+    allowed = (time_dim, "feature") + tuple(space_dims)
+    unknown = [d for d in covariates.dims if d not in allowed]
+    partial = [d for d in space_dims if d in covariates.dims]
+    if unknown or (partial and len(partial) != len(space_dims)):
+        raise InputError(
+            f"covariates have dims {tuple(covariates.dims)} but the {what} are on "
+            f"{(time_dim,) + tuple(space_dims)}; give covariates along 'feature' and {time_dim!r} "
+            f"and/or all of the space dims {tuple(space_dims)} (rename or transpose them to match)."
+        )
     has_time = time_dim in covariates.dims
-    has_space = all(d in covariates.dims for d in space_dims)
+    has_space = bool(partial)
     if has_time:
-        if time_dim in covariates.indexes:
-            covariates = covariates.sel({time_dim: stacked[time_dim].values})
+        if time_dim in covariates.indexes and time_dim in stacked.indexes:
+            wanted = stacked.indexes[time_dim]
+            positions = covariates.indexes[time_dim].get_indexer(wanted)
+            if np.any(positions < 0):
+                lacking = [str(_plain(wanted[i])) for i in np.flatnonzero(positions < 0)[:3]]
+                raise InputError(
+                    f"covariates do not cover the times of the {what} (e.g. {', '.join(lacking)} "
+                    f"missing, {int((positions < 0).sum())} in all); give covariates at every time."
+                )
+            covariates = covariates.isel({time_dim: positions})
         if covariates.sizes[time_dim] != stacked.sizes[time_dim]:
-            raise InputError(f"covariates do not cover the times of the {what}.")
+            raise InputError(f"covariates have {covariates.sizes[time_dim]} times but the {what} "
+                             f"{stacked.sizes[time_dim]}; give covariates at every time.")
     if has_space:
         cov_stacked, dim = stack_space(covariates, space_dims)
         index = stacked_index(cov_stacked, dim, space_dims)

@@ -22,11 +22,13 @@ from .._version import __version__
 from ..engine import pipeline
 from ..engine.kriging import conformal_multiplier
 from ..engine.settings import Settings
-from ..exceptions import InputError, NotFittedError, ProblemTooLargeError
+from ..engine import chunks
+from ..exceptions import InputError, NotFittedError, ProblemTooLargeError, warn
 from ..io.netcdf import atomic_to_netcdf
 from . import state as state_io
 from .labels import (
     align_to_sites,
+    check_time_index,
     covariate_array,
     find_time_dim,
     site_coordinates,
@@ -215,7 +217,16 @@ class SpatialAdapter:
             Station data: one space dim with ``lat``/``lon`` (or ``x``/``y``)
             coordinates; gridded data: ``lat``/``lon`` dims in any order. A dask-backed
             array (``xr.open_dataset(..., chunks={"time": n})``) is fitted chunk by
-            chunk along time.
+            chunk along time. Integer input is converted to float64; float32 input
+            is converted to float64 too and every statistic is computed in float64,
+            so the fit is as precise as the float32 data themselves (about 7
+            significant digits).
+
+            Time steps with no observation at all (every site NaN) carry no
+            information: they are dropped from the fit with a warning (``scores``
+            and ``state`` then cover the other times only). The time labels must be
+            unique and ordered (increasing or decreasing); duplicated or unordered
+            times are an error.
         covariates : xarray.DataArray, optional
             Covariates of the residual trend with a ``feature`` dim and any of the
             time and space dims (missing dims broadcast).
@@ -227,19 +238,23 @@ class SpatialAdapter:
         settings = self.settings()
         residuals = _as_dataarray(residuals, "residuals")
         time_dim = find_time_dim(residuals, self.time_dim)
+        check_time_index(residuals, time_dim)
         space_dims = space_dims_of(residuals, time_dim, self.space_dims)
         stacked, site_dim = stack_space(residuals, space_dims)
         stacked = stacked.transpose(time_dim, site_dim)
         sites = site_coordinates(stacked, site_dim, space_dims)
+        stacked = _drop_empty_times(stacked, time_dim)
         features, covariates = covariate_array(covariates, stacked, time_dim, site_dim, space_dims)
         fitted = pipeline.fit(stacked.data, sites, settings, covariates, site_names=stacked[site_dim].values)
-        self._fitted = fitted
-        self._state = state_io.to_dataset(
+        state = state_io.to_dataset(
             fitted, site_coords=site_coords(stacked, site_dim), site_dim=site_dim,
             space_dims=stack_order(stacked, site_dim, space_dims), time_dim=time_dim,
             times=stacked[time_dim].values, units=stacked.attrs.get("units", ""), features=features,
             parameters=self.get_params(),
         )
+        # both at once, after every step succeeded: an error or an interrupt (Ctrl-C)
+        # anywhere above leaves the adapter as it was (unfitted, or its previous fit)
+        self._fitted, self._state = fitted, state
         return self
 
     # ------------------------------------------------------------------ fitted state
@@ -563,21 +578,74 @@ class SpatialAdapter:
 
 
 def load(path):
-    """Restore a :class:`SpatialAdapter` written by :meth:`SpatialAdapter.to_netcdf`."""
-    with xr.open_dataset(path) as ds:
-        state = ds.load()
-    if "parameters" not in state.attrs:
-        raise InputError(f"{path} is not an xadapter file (no 'parameters' attribute).")
+    """Restore a :class:`SpatialAdapter` written by :meth:`SpatialAdapter.to_netcdf`.
+
+    Raises
+    ------
+    FileNotFoundError
+        No file at ``path``.
+    InputError
+        The file is not NetCDF (or is truncated or damaged), is not an xadapter state,
+        or was written in a state format this version cannot read
+        (:data:`xadapter.labelled.state.FORMAT_VERSION`).
+    """
+    import os
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no adapter file at {path}.")
+    try:
+        with xr.open_dataset(path) as ds:
+            state = ds.load()
+    except (OSError, ValueError, RuntimeError) as error:
+        reason = (str(error).splitlines() or [""])[0][:160]
+        raise InputError(
+            f"cannot read {path} as NetCDF ({type(error).__name__}: {reason}); the file is truncated, "
+            "damaged or not NetCDF: write it again with adapter.to_netcdf(path)."
+        ) from error
+    state_io.check_format(state, path)
     params = json.loads(state.attrs["parameters"])
     if isinstance(params.get("space_dims"), list):
         params["space_dims"] = tuple(params["space_dims"])
-    adapter = SpatialAdapter(**params)
+    try:
+        adapter = SpatialAdapter(**params)
+        fitted = state_io.from_dataset(state, params)
+    except (KeyError, TypeError, ValueError) as error:
+        raise InputError(
+            f"{path} is an xadapter file (format {state.attrs.get('xadapter_format', 1)}, written by "
+            f"xadapter {state.attrs.get('xadapter_version', '?')}) that this version ({__version__}) cannot "
+            f"restore: {type(error).__name__}: {error}; refit the adapter and save it again."
+        ) from error
     adapter._state = state
-    adapter._fitted = state_io.from_dataset(state, params)
+    adapter._fitted = fitted
     return adapter
 
 
 # ---------------------------------------------------------------------- helpers
+def _drop_empty_times(stacked, time_dim):
+    """``stacked`` without its time steps that have no observation (every site NaN), with a warning.
+
+    Such a time step carries no information; the fitting loop would fill it with its
+    own reconstruction (the site mean) and count it as a time step in the covariance,
+    the effective sample size and the scores.
+    """
+    site_dim = next(d for d in stacked.dims if d != time_dim)
+    (empty,) = chunks.compute(np.isnan(stacked.data).all(axis=1))
+    if not empty.any():
+        return stacked
+    labels = stacked[time_dim].values[empty]
+    shown = ", ".join(str(_plain_label(t)) for t in labels[:5])
+    more = f" and {labels.size - 5} more" if labels.size > 5 else ""
+    warn(f"{labels.size} time step(s) of the residuals have no observation at any {site_dim!r} (all NaN): "
+         f"{shown}{more}; they are dropped from the fit (scores cover the other times only).")
+    return stacked.isel({time_dim: np.flatnonzero(~empty)})
+
+
+def _plain_label(value):
+    if isinstance(value, np.datetime64):
+        return np.datetime_as_string(value, unit="auto")
+    return value.item() if hasattr(value, "item") else value
+
+
 def _as_dataarray(obj, what):
     if not isinstance(obj, xr.DataArray):
         raise InputError(f"{what} must be an xarray.DataArray, got {type(obj).__name__}.")

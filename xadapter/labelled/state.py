@@ -18,7 +18,18 @@ from .._version import __version__
 from ..engine.finescale import FineScaleParams
 from ..engine.fitted import Calibration, FittedModel
 from ..engine.sites import Sites
+from ..exceptions import InputError
 from .labels import LATITUDE_RULES, LONGITUDE_RULES, find_coordinate, site_coordinates
+
+#: Version of the layout of the state Dataset, stored as the ``xadapter_format``
+#: attribute and checked by :func:`check_format`. Raise it when a change makes older
+#: readers misread new files (a renamed or re-meant variable); files without the
+#: attribute predate it and have format 1.
+FORMAT_VERSION = 1
+
+#: Variables every state holds, whatever the options of the fit.
+REQUIRED_VARIABLES = ("basis", "scores", "mean", "eigenvalues", "sample_eigenvalues", "rotation",
+                      "noise_variance", "low_rank_noise_variance", "effective_rank")
 
 #: Columns of the rank/smoothness search table: name, long name, units ("" = data units).
 SELECTION_COLUMNS = (
@@ -131,6 +142,7 @@ def to_dataset(model, *, site_coords, site_dim, space_dims, time_dim, times, uni
         coords["iteration"] = np.arange(n_history)
     attrs = {
         "xadapter_version": __version__,
+        "xadapter_format": FORMAT_VERSION,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "parameters": json.dumps(jsonable(parameters)),
         "time_dim": str(time_dim),
@@ -156,6 +168,41 @@ def to_dataset(model, *, site_coords, site_dim, space_dims, time_dim, times, uni
         attrs["cv_rmse"] = float(calibration.rmse)
         attrs["cv_coverage"] = float(calibration.coverage)
     return xr.Dataset(data_vars, coords=coords, attrs=attrs)
+
+
+def check_format(state, path):
+    """Refuse a Dataset that is not an xadapter state of a format this version reads.
+
+    Raises
+    ------
+    InputError
+        No ``parameters`` attribute (not written by xadapter), a format newer than
+        :data:`FORMAT_VERSION`, or required variables missing.
+    """
+    attrs = state.attrs
+    if "parameters" not in attrs or "xadapter_version" not in attrs:
+        raise InputError(
+            f"{path} is not an xadapter file (no 'parameters'/'xadapter_version' attributes); "
+            "load files written by SpatialAdapter.to_netcdf."
+        )
+    try:
+        version = int(attrs.get("xadapter_format", 1))
+    except (TypeError, ValueError):
+        version = -1
+    if not 1 <= version <= FORMAT_VERSION:
+        raise InputError(
+            f"{path} has state format {version if version != -1 else repr(attrs.get('xadapter_format'))} "
+            f"(written by xadapter "
+            f"{attrs['xadapter_version']}); this version ({__version__}) reads formats 1 to "
+            f"{FORMAT_VERSION}: upgrade xadapter, or refit and save with this version."
+        )
+    missing = [name for name in REQUIRED_VARIABLES if name not in state.variables]
+    missing += [name for name in ("time_dim", "site_dim", "space_dims", "geographic") if name not in attrs]
+    if missing:
+        raise InputError(
+            f"{path} is an incomplete xadapter state: {missing} missing; the file is damaged or "
+            "was edited: refit the adapter and save it again."
+        )
 
 
 def fitted_sites(state):
