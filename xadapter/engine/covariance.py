@@ -91,8 +91,27 @@ DEFAULT_TW_UNITS = 4.0
 #: covariance (0.2 GB at 5000).
 DENSE_MAX_SITES = 5000
 
-#: Tolerance on ``max |Phi^T Phi - I|`` for a basis to count as orthonormal.
+#: Tolerance on ``max |Phi^T Phi - I|`` for a basis to count as orthonormal and be
+#: used exactly as given.
 ORTHONORMAL_ATOL = 1e-6
+
+#: Largest ``max |Phi^T Phi - I|`` accepted at all. Between :data:`ORTHONORMAL_ATOL`
+#: and this, the basis is orthonormal only approximately (an iterative solver such as
+#: SpatPCA's ADMM stops at 1e-6-1e-4) and the covariance is computed on its
+#: orthonormalised span (see :func:`low_rank_plus_noise`); above it the columns are
+#: not an orthonormal basis at all (unnormalised, or not orthogonal) and are refused.
+ORTHONORMAL_MAX_DEVIATION = 1e-3
+
+#: Sample eigenvalues ``d_k <= ROUNDING_FLOOR * tr(S)`` are rounding, not signal: on a
+#: field of lower rank than ``K`` (fewer distinct patterns than the nominal rank, or
+#: a constant field) the trailing ``d_k`` are ``1e-30``-ish and the trailing noise
+#: estimate can come out negative by rounding, which would keep every such
+#: component. They are never kept, under either rule.
+ROUNDING_FLOOR = 1e-10
+
+#: The noise variance is at least ``NOISE_FLOOR * tr(S) / N`` (and positive): on exactly
+#: low-rank data it is zero up to rounding, and kriging needs ``sigma^2 > 0``.
+NOISE_FLOOR = 1e-12
 
 # A lag-1 autocorrelation at 1 would give n_eff = 0; the clip keeps n_eff >= 1.
 _MAX_AUTOCORRELATION = 0.999
@@ -316,7 +335,15 @@ def low_rank_plus_noise(
     Parameters
     ----------
     basis : array_like, shape (N, K)
-        Orthonormal spatial basis ``Phi`` (``Phi^T Phi = I``), ``K < N``.
+        Orthonormal spatial basis ``Phi`` (``Phi^T Phi = I``), ``K < N``. A basis
+        orthonormal only to ``max |Phi^T Phi - I| <=``
+        :data:`ORTHONORMAL_MAX_DEVIATION` (as iterative solvers return) is accepted:
+        the covariance is then that of its orthonormalised span. With
+        ``G = Phi^T Phi``, the returned ``rotation`` is ``G^{-1/2} V`` rather than an
+        orthogonal ``V``, so that ``loadings(basis) = Phi G^{-1/2} V`` has exactly
+        orthonormal columns (``Phi G^{-1/2}`` is the closest orthonormal matrix to
+        ``Phi``); the change from using ``Phi`` as is is of the order of the deviation.
+        Larger deviations are refused.
     data : array_like, shape (T, N)
         Complete residuals, time by sites (no NaN: fill them first, e.g. with the
         reconstruction of the fitting loop).
@@ -347,7 +374,7 @@ def low_rank_plus_noise(
         negative ``gamma``, or an ``n_eff`` outside ``[1, T]``.
     """
     estimate_n_eff = effective_sample_size
-    basis = _check_basis(basis)
+    basis, whitening = _check_basis(basis)
     data = _check_data(data, basis.shape[0])
     gamma = _check_gamma(gamma)
     n_times, n_sites = data.shape
@@ -362,15 +389,20 @@ def low_rank_plus_noise(
         # one pass over the time chunks: scores, tr(S) and the lag-1 product
         scores, total, lag_one, finite = compute(
             centred @ basis, (centred**2).sum(), (centred[1:] * centred[:-1]).sum(), np.isfinite(data).all())
+        if whitening is not None:
+            scores = scores @ whitening
         _check_finite(bool(finite))
         data_autocovariance = np.array([float(total), float(lag_one)])
     else:
         centred = data - data.mean(axis=0) if center else data
-        scores = centred @ basis
+        scores = centred @ basis if whitening is None else centred @ (basis @ whitening)
         data_autocovariance = None
         total = np.vdot(centred, centred)
     total_variance = float(total) / n_times
     sample_eigenvalues, rotation = _projected_spectrum(scores, n_times)
+    if whitening is not None:
+        # B = Phi G^{-1/2} V: exactly orthonormal loadings from the basis as given
+        rotation = whitening @ rotation
 
     common = dict(
         rotation=rotation,
@@ -379,9 +411,12 @@ def low_rank_plus_noise(
         n_sites=n_sites,
         n_times=n_times,
     )
+    signal = sample_eigenvalues > ROUNDING_FLOOR * total_variance
+    noise_floor = max(NOISE_FLOOR * total_variance / n_sites, np.finfo(np.float64).tiny)
     if gamma is not None:
         noise_variance = _spatpca_noise_variance(sample_eigenvalues, total_variance, n_sites, gamma)
-        eigenvalues = np.maximum(sample_eigenvalues - noise_variance - gamma, 0.0)
+        noise_variance = max(noise_variance, noise_floor)
+        eigenvalues = np.where(signal, np.maximum(sample_eigenvalues - noise_variance - gamma, 0.0), 0.0)
         return _result(eigenvalues, noise_variance, n_eff=None, gamma=gamma, edge=None, **common)
 
     n_dof = n_times - 1 if center else n_times
@@ -397,7 +432,7 @@ def low_rank_plus_noise(
             sample_eigenvalues, total_variance, n_sites, n_dof, tw_units,
             data_autocovariance, scores @ rotation, center, n_times,
         )
-    noise_variance = _trailing_noise_variance(sample_eigenvalues, total_variance, n_sites, rank)
+    noise_variance = max(_trailing_noise_variance(sample_eigenvalues, total_variance, n_sites, rank), noise_floor)
     eigenvalues = np.zeros_like(sample_eigenvalues)
     eigenvalues[:rank] = np.maximum(sample_eigenvalues[:rank] - noise_variance, 0.0)
     return _result(eigenvalues, noise_variance, n_eff=float(n_eff), gamma=None, edge=edge, **common)
@@ -444,8 +479,10 @@ def _calibrated_rank(sample_eigenvalues, total_variance, n_sites, n_dof, n_dof_e
     rank = sample_eigenvalues.shape[0]
     edges = _edges(n_sites, n_dof, n_dof_eff, rank, tw_units)
     tests = np.arange(1, rank + 1)
-    trailing = (total_variance - np.cumsum(sample_eigenvalues)) / (n_sites - tests)
-    passed = np.nonzero(sample_eigenvalues > trailing * edges)[0]
+    # clipped at 0: on data of lower rank than K, rounding can make it negative
+    trailing = np.maximum(total_variance - np.cumsum(sample_eigenvalues), 0.0) / (n_sites - tests)
+    signal = sample_eigenvalues > ROUNDING_FLOOR * total_variance
+    passed = np.nonzero((sample_eigenvalues > trailing * edges) & signal)[0]
     return (int(passed[-1]) + 1 if passed.size else 0), edges
 
 
@@ -540,13 +577,18 @@ def _check_basis(basis):
         )
     if not np.isfinite(basis).all():
         raise InputError("basis contains NaN or infinite values.")
-    deviation = np.abs(basis.T @ basis - np.eye(rank)).max()
-    if deviation > ORTHONORMAL_ATOL:
+    gram = basis.T @ basis
+    deviation = np.abs(gram - np.eye(rank)).max()
+    if deviation <= ORTHONORMAL_ATOL:
+        return basis, None
+    if deviation > ORTHONORMAL_MAX_DEVIATION:
         raise InputError(
-            f"basis columns are not orthonormal (max |Phi^T Phi - I| = {deviation:.2e}); "
-            "orthonormalise them first, e.g. with numpy.linalg.qr."
+            f"basis columns are not orthonormal (max |Phi^T Phi - I| = {deviation:.2e}, accepted up to "
+            f"{ORTHONORMAL_MAX_DEVIATION:g}); orthonormalise them first, e.g. with numpy.linalg.qr."
         )
-    return basis
+    # G^{-1/2}, G = Phi^T Phi close to I (eigenvalues within 1 +- K * 1e-3)
+    values, vectors = np.linalg.eigh((gram + gram.T) / 2.0)
+    return basis, (vectors / np.sqrt(values)) @ vectors.T
 
 
 def _check_data(data, n_sites):
