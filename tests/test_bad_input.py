@@ -425,8 +425,10 @@ def test_numerically_hard_fields_with_the_fine_scale(field, name):
     assert np.isfinite(result["mean"].values).all() and np.isfinite(result["variance"].values).all()
 
 
-@pytest.mark.xfail(strict=True, raises=InputError, reason=(
-    "the fine-scale fit refuses zero-variance remainders ('nothing to fit') instead of a zero "
-    "fine scale; belongs in pipeline.fit_fine_scale_of"))
 def test_constant_field_with_the_fine_scale(field):
-    SpatialAdapter(rank=4).fit(xr.full_like(field, 3.0))
+    adapter = SpatialAdapter(rank=4).fit(xr.full_like(field, 3.0))
+    assert adapter.effective_rank == 0
+    assert adapter.fine_scale_params.partial_sill == 0.0
+    assert 0.0 < adapter.noise_variance < 1e-6  # the floor: nothing varies
+    result = adapter.krige(xr.full_like(field, 3.0).isel(time=slice(0, 3)))
+    np.testing.assert_allclose(result["mean"].values, 3.0)

@@ -259,7 +259,7 @@ def test_plot_without_matplotlib_names_the_extra(adapter_file, tmp_path, capsys,
     (["krige", "{adapter}", "--observed", "{input}", "--var", "nope"], "'nope' is not a variable of"),
     (["krige", "{adapter}", "--observed", "{input}", "--var", "resid", "--level", "90"], "--level"),
     (["info", "{input}"], "not an xadapter file"),
-    (["info", "/etc/hostname"], "not a NetCDF file"),
+    (["info", "/etc/hostname"], "not NetCDF"),
 ])
 def test_user_mistakes_are_one_error_line(files, adapter_file, tmp_path, capsys, argv, message):
     out = tmp_path / "out.nc"

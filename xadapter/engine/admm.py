@@ -296,7 +296,10 @@ class _Driver:
             missing = ~observed
             self.z[missing] = np.broadcast_to(site_mean, self.z.shape)[missing]
             self.resid[missing] = (self.z + mu)[missing]
-        spread = float(np.std(self.z[observed])) if observed is not None else float(np.std(self.z))
+        # the spread about each site's own level: the tolerances must not depend on how far
+        # the site levels are from zero (a constant added to a site changes nothing else)
+        centred = self.z - self.z.mean(axis=0)
+        spread = float(np.sqrt(np.mean(centred[observed] ** 2 if observed is not None else centred**2)))
         self.scale = spread if spread > 0 else 1.0
         self.u = np.zeros_like(self.z)
         self.last_increment = np.zeros_like(self.z) if settings.momentum > 0 else None
@@ -329,7 +332,8 @@ class _Driver:
     def z_step(self, rows, mu):
         """Exact minimisation over the rows of the window, then the U-step.
 
-        Returns the primal and dual residuals and the norm of ``R_B - mu_B``.
+        Returns the primal and dual residuals and the norm of ``R_B - mu_B`` about the
+        site levels (the column mean of ``W``), the scale of the relative tolerance.
         """
         rho = self.settings.rho
         target = self.resid[rows] - mu
@@ -349,7 +353,7 @@ class _Driver:
             self.u[rows] += increment
         self.col_sum += z_new.sum(axis=0) - z_old.sum(axis=0)
         self.z[rows] = z_new
-        return primal, dual, float(np.sqrt(np.sum(target**2)))
+        return primal, dual, float(np.sqrt(np.sum((target - self.w_mean) ** 2)))
 
     def feasible(self):
         """``W = R - X theta`` (T, N), the residual minus the current trend."""

@@ -461,7 +461,7 @@ def pooled_variance(remainders):
     return float(np.nansum(centred**2) / np.sum(n_obs[usable] - 1))
 
 
-def _median_spacing_km(coords, geographic, n_sites):
+def median_spacing_km(coords, geographic, n_sites):
     """Median distance from a site to its nearest neighbour, km."""
     points = _points(coords, "coords", geographic, n_expected=n_sites)
     _, index = cKDTree(points).query(points, k=2)
@@ -842,7 +842,7 @@ def fit_fine_scale(remainders, coords, kind="exponential", *, geographic=False, 
     total = pooled_variance(remainders)
     if not total > 0:
         raise InputError("the remainders have zero variance; there is nothing to fit.")
-    spacing = _median_spacing_km(coords, geographic, remainders.shape[1])
+    spacing = median_spacing_km(coords, geographic, remainders.shape[1])
     range_bounds = (max(float(distance[0]), 0.5 * spacing), float(distance[-1]))
     if not range_bounds[1] > range_bounds[0]:
         raise InputError("the empirical variogram bins span no distance range; check the coordinates.")

@@ -40,7 +40,7 @@ from . import chunks
 from .admm import fit_adapter
 from .covariance import low_rank_plus_noise
 from .extend import extend_basis
-from .finescale import fit_fine_scale, krige_with_fine_scale
+from .finescale import FineScaleParams, fit_fine_scale, krige_with_fine_scale, median_spacing_km
 from .fitted import Calibration, FittedModel
 from .kriging import KrigingResult
 from .kriging import krige as krige_low_rank
@@ -358,6 +358,11 @@ def fit_fine_scale_of(data, core, covariance, sites, kind, *, seed=0, eigenvalue
     remainders = centred - (centred @ loadings) @ loadings.T
     remainders[np.isnan(chunks.take_rows(data, times))] = np.nan
     coords, geographic = sites.graph_coords()
+    if not np.nanmax(np.abs(remainders), initial=0.0) > 0:
+        # nothing beyond the low rank (a constant or exactly low-rank field): no fine scale,
+        # the spectral rule's noise floor as the nugget; the range is not identified
+        return FineScaleParams(kind, 0.0, median_spacing_km(coords, geographic, sites.size),
+                               float(covariance.noise_variance))
     # the first pass only sets the lags of the second: its warnings stand only if it is kept
     with warnings.catch_warnings(record=True) as first_warnings:
         warnings.simplefilter("always")
