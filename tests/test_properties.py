@@ -113,10 +113,6 @@ def test_permuting_sites_permutes_basis_and_kriging(case, random):
     _check_permutation(case, random)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "with gaps, pipeline.fit_covariance refills them with seeded normal draws indexed by "
-    "(time, column position): permuting the sites hands other draws to the gaps and moves "
-    "the eigenvalues by ~0.1-1 % (the basis itself permutes exactly)"))
 @NO_SHRINK
 @given(fields(gaps=True), st.randoms(use_true_random=False))
 def test_permuting_sites_with_gaps(case, random):

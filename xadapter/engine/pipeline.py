@@ -42,6 +42,7 @@ from .covariance import low_rank_plus_noise
 from .extend import extend_basis
 from .finescale import FineScaleParams, fit_fine_scale, krige_with_fine_scale, median_spacing_km
 from .fitted import Calibration, FittedModel
+from .geometry import sphere_xyz
 from .kriging import KrigingResult
 from .kriging import krige as krige_low_rank
 from .penalty import build_penalty
@@ -220,7 +221,7 @@ class _Run:
         )
 
     def covariance(self, data, core):
-        return fit_covariance(data, core, self.settings.gamma, self.settings.seed)
+        return fit_covariance(data, core, self.settings.gamma, self.settings.seed, self.sites)
 
     def fine_scale(self, data, core, covariance, eigenvalues=None):
         if self.settings.fine_scale is None:
@@ -316,7 +317,7 @@ class _Run:
         )
 
 
-def fit_covariance(data, core, gamma, seed):
+def fit_covariance(data, core, gamma, seed, sites=None):
     """Low-rank-plus-noise covariance of a fit, honest about the gaps.
 
     Gaps are filled from the rank-K reconstruction, which carries no noise and
@@ -330,7 +331,8 @@ def fit_covariance(data, core, gamma, seed):
     missing = np.isnan(data)
     if chunks.is_lazy(data) or not missing.any():
         return covariance
-    draws = np.random.default_rng(seed).standard_normal(data.shape)
+    draws = site_draws(data.shape[0], sites, seed) if sites is not None else \
+        np.random.default_rng(seed).standard_normal(data.shape)
     for _ in range(GAP_REFILL_ROUNDS):
         if covariance.effective_rank == 0:
             break
@@ -343,6 +345,24 @@ def fit_covariance(data, core, gamma, seed):
         if settled:
             break
     return covariance
+
+
+def site_draws(n_times, sites, seed):
+    """Standard normal draws ``(T, N)``, each site's column seeded by where the site is.
+
+    Seeding by position in the array would tie a site's draws to the order of the
+    sites: permuting the sites would hand other draws to the gaps and move the refilled
+    covariance. Seeding by the site's location (unit-sphere point for lat/lon, so the
+    longitude convention does not matter, or planar km) keeps the fit invariant.
+    """
+    if sites.geographic:
+        points = sphere_xyz(sites.lat, sites.lon)
+        keys = np.round((points + 1.0) * 1e9).astype(np.int64)
+    else:
+        keys = np.round(np.asarray(sites.xy_km, dtype=np.float64) * 1e6).astype(np.int64)
+        keys -= min(int(keys.min()), 0)
+    return np.column_stack([np.random.default_rng([int(seed), *map(int, key)]).standard_normal(n_times)
+                            for key in keys])
 
 
 def fit_fine_scale_of(data, core, covariance, sites, kind, *, seed=0, eigenvalues=None):
