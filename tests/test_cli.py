@@ -312,3 +312,20 @@ def test_installed_entry_point_runs():
     assert done.returncode == 0, done.stderr
     for name in ("fit", "krige", "info", "plot", "demo"):
         assert name in done.stdout
+
+
+def test_observed_that_does_not_match_the_adapter_is_one_error_line(files, adapter_file, tmp_path, capsys):
+    """Observations on other stations, or without the fitted dims, are refused by name."""
+    others = files["data"][["resid"]].assign_coords(station=files["data"]["station"].values + 1000)
+    others.to_netcdf(tmp_path / "others.nc")
+    cases = [
+        (["--observed", str(tmp_path / "others.nc"), "--var", "resid"], "not fitted on"),
+        (["--observed", str(files["targets"]), "--var", "elev"], "time"),
+    ]
+    for options, message in cases:
+        out = tmp_path / "kriged.nc"
+        status, stdout, stderr = _run(["krige", str(adapter_file), *options, "-q", "-o", str(out)], capsys)
+        assert status == 2, stderr
+        assert stderr.startswith("error:") and stderr.count("\n") == 1 and message in stderr, stderr
+        assert "Traceback" not in stderr + stdout
+        assert not out.exists()
