@@ -9,7 +9,7 @@ parameter, not minutes into a fit.
 from __future__ import annotations
 
 import numbers
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -122,6 +122,3 @@ class Settings:
         """Keyword arguments of :func:`xadapter.engine.extend.extend_basis`."""
         return {"method": self.extension, "neighbors": self.extension_neighbors,
                 "smoothing": self.extension_smoothing}
-
-    def as_dict(self):
-        return asdict(self)

@@ -55,12 +55,6 @@ class Sites:
         diff = self.xy_km[:, None, :] - self.xy_km[None, :, :]
         return np.sqrt((diff**2).sum(-1))
 
-    def subset(self, index):
-        """The sites at ``index`` (integer positions or a boolean mask)."""
-        if self.geographic:
-            return Sites(True, lat=self.lat[index], lon=self.lon[index])
-        return Sites(False, xy_km=self.xy_km[index])
-
     def centre(self):
         """Centre (lat, lon) of the local projection, None for planar sites."""
         return domain_centre(self.lat, self.lon) if self.geographic else None
