@@ -155,3 +155,14 @@ def test_real_ozone_grid_with_fine_scale_fits_like_numpy():
     with dask.config.set(scheduler="threads"):
         lazy = SpatialAdapter(rank=10).fit(resid.chunk({"time": 12}))
     _assert_same_model(lazy, eager)
+
+
+def test_complete_field_with_a_trend_fits_like_numpy(gappy_network):
+    resid, covariates = gappy_network
+    complete = resid.fillna(0.0).isel(time=slice(0, 60))
+    eager = SpatialAdapter(rank=5, site_folds=None).fit(complete, covariates=covariates)
+    with dask.config.set(scheduler="threads"):
+        lazy = SpatialAdapter(rank=5, site_folds=None).fit(complete.chunk({"time": 15}), covariates=covariates)
+    assert not eager.history.attrs["skipped_loop"]  # the trend runs the ADMM
+    _assert_same_model(lazy, eager)
+    np.testing.assert_allclose(lazy.trend_coefficients.values, eager.trend_coefficients.values, rtol=1e-8)

@@ -124,8 +124,9 @@ def fit(data, sites, settings, covariates=None, *, site_names=None):
     missing = check_data(data, rank, site_names)
     if covariates is not None:
         covariates = as_covariates(covariates, n_times, n_sites)
-    if missing and chunks.is_lazy(data):
-        # per-entry ADMM state (the filled field, Z, U) lives in memory
+    if (missing or covariates is not None) and chunks.is_lazy(data):
+        # the ADMM runs (gaps to fill or a trend to fit): its per-entry state (the filled
+        # field, Z, U) lives in memory
         data = chunks.materialise(data)
     omega = _penalty(sites, settings)
     run = _Run(data, sites, settings, covariates, omega, rank, missing)
