@@ -45,7 +45,10 @@ SCRIPT = textwrap.dedent("""
             return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) / 1024
 
     before = rss_mb()
-    adapter = xadapter.SpatialAdapter(rank=10, progress=False).fit(resid)
+    # one task at a time: the peak then reflects what the engine holds (its folds and
+    # subsamples), not how far a thread pool ran ahead of the reductions
+    with dask.config.set(scheduler="synchronous"):
+        adapter = xadapter.SpatialAdapter(rank=10, progress=False).fit(resid)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     truth = np.linalg.qr(patterns)[0]
     fitted = adapter.basis.values[:, :rank]
@@ -64,7 +67,10 @@ def _fit_in_fresh_process(n_times, n_sites):
     # per-thread arenas, so the RSS of a threaded dask run counts memory the fit gave
     # back (measured: 159-368 MiB depending on load, 126 MiB with a fixed threshold).
     # dask.distributed sets the same kind of variable for its workers.
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    # a clean environment: variables left by other code in this process must not change
+    # the measurement
+    env = {key: os.environ[key] for key in ("PATH", "HOME", "LANG", "TMPDIR") if key in os.environ}
+    env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     done = subprocess.run([sys.executable, "-c", SCRIPT, str(n_times), str(n_sites)], capture_output=True,
                           text=True, timeout=600, check=True, env=env)
     return json.loads(done.stdout.strip().splitlines()[-1])
