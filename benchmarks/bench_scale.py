@@ -12,7 +12,7 @@ holds the whole array), then a fresh Python process opens it with
   numpy.
 
 Each size runs in its own process, so that its peak resident set size
-(``resource.getrusage(...).ru_maxrss``) belongs to that size alone; the resident set
+(``VmHWM`` of ``/proc/self/status``) belongs to that size alone; the resident set
 size before the fit (after the imports and the opening of the file) is printed next to
 it. The fit is also timed by phase (penalty, ADMM/Phi-step, covariance, fine scale,
 site cross-validation), by wrapping the steps of :mod:`xadapter.engine.pipeline`.
@@ -170,8 +170,14 @@ def rss_mb():
 def peak_rss_mb():
     import resource
 
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+    try:
+        # VmHWM is this process's own peak; ru_maxrss also carries the parent's peak
+        # across fork and exec
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM")) / 1024
+    except OSError:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 
 class PhaseTimer:
