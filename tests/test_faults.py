@@ -79,11 +79,14 @@ def test_writer_killed_mid_way_leaves_the_previous_file(field, tmp_path):
     finally:
         process.wait(timeout=60)
     assert process.returncode == -signal.SIGKILL
-    # the destination is untouched; only the hidden temporary of the killed writer remains
+    # the destination is untouched; only the hidden temporary of the killed writer remains,
+    # and the next write to the same path removes it
     assert path.read_bytes() == before
     assert xadapter.load(path).is_fitted
     assert {p.name for p in tmp_path.iterdir()} - {"adapter.nc", "writer.py"} <= {
         p.name for p in tmp_path.iterdir() if p.name.startswith(".adapter.nc.") and p.name.endswith(".tmp")}
+    SpatialAdapter(**FAST).fit(field).to_netcdf(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.nc", "writer.py"]
 
 
 def test_keyboard_interrupt_during_a_fit_keeps_the_previous_state(field, monkeypatch):

@@ -229,3 +229,14 @@ def test_open_weather2k_bad_files_and_options(tmp_path):
         io.open_weather2k(path, chunks={"hour": 10})
     with pytest.raises(InputError, match="time stamps"):
         io.open_weather2k(path, start="not a date")
+
+
+def test_temporaries_of_live_writers_are_kept(tmp_path):
+    """Only temporaries whose writer process is gone are removed."""
+    live = tmp_path / f".out.nc.{os.getppid()}.abcd.tmp"  # the parent process is alive
+    dead = tmp_path / ".out.nc.999999999.abcd.tmp"  # no such process
+    other = tmp_path / ".other.nc.999999999.abcd.tmp"  # another destination
+    for temporary in (live, dead, other):
+        temporary.write_bytes(b"partial")
+    io.atomic_to_netcdf(xr.Dataset({"a": ("x", [1.0])}), tmp_path / "out.nc")
+    assert live.exists() and other.exists() and not dead.exists()

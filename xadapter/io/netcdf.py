@@ -65,12 +65,39 @@ def _final_mode(path):
     return DEFAULT_FILE_MODE & ~_current_umask()
 
 
+def _remove_stale_temporaries(folder, name):
+    """Remove temporaries of ``name`` left by writers that were killed (SIGKILL, power loss).
+
+    A temporary is named ``.NAME.PID.XXXX.tmp`` after the process writing it; one whose
+    process no longer exists on this machine can only be the remains of a killed write.
+    Temporaries of live processes (a concurrent writer) are left alone.
+    """
+    prefix = f".{name}."
+    for entry in os.listdir(folder):
+        if not (entry.startswith(prefix) and entry.endswith(".tmp")):
+            continue
+        pid = entry[len(prefix):].split(".", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            try:
+                os.remove(os.path.join(folder, entry))
+            except OSError:
+                pass  # removed by another writer meanwhile, or not ours to remove
+        except (PermissionError, OSError):
+            continue  # the process exists (or cannot be asked): keep its file
+
+
 def atomic_to_netcdf(dataset, path, **kwargs):
     """Write ``dataset`` to ``path`` atomically.
 
     The file is written next to the destination under a temporary name and renamed
     over ``path`` (``os.replace``) only after a complete write, so an exception or an
-    interruption leaves no partial file and never clobbers an existing one. The
+    interruption leaves no partial file and never clobbers an existing one. A writer
+    killed outright cannot clean up: its temporary is removed by the next write to the
+    same path. The
     written file gets the mode a normally created file would get: ``0666 & ~umask``,
     or the permission bits of the file it replaces.
 
@@ -85,7 +112,8 @@ def atomic_to_netcdf(dataset, path, **kwargs):
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise InputError(f"cannot write {path}: folder {folder} does not exist.")
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    _remove_stale_temporaries(folder, path.name)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=folder)
     os.close(handle)
     try:
         dataset.to_netcdf(temporary, **kwargs)
