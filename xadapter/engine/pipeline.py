@@ -129,7 +129,7 @@ def fit(data, sites, settings, covariates=None, *, site_names=None):
         # field, Z, U) lives in memory
         data = chunks.materialise(data)
     omega = _penalty(sites, settings)
-    run = _Run(data, sites, settings, covariates, omega, rank, missing)
+    run = _Run(data, sites, settings, covariates, omega, rank)
     if settings.searching:
         core, covariance, fine, selection = run.search()
     else:
@@ -198,14 +198,13 @@ def _fitted(core, covariance, fine, sites, settings, selection=None, eigenvalues
 class _Run:
     """One fit's fixed inputs, so that the search can re-enter the same steps."""
 
-    def __init__(self, data, sites, settings, covariates, omega, rank, missing):
+    def __init__(self, data, sites, settings, covariates, omega, rank):
         self.data = data
         self.sites = sites
         self.settings = settings
         self.covariates = covariates
         self.omega = omega
         self.rank = rank
-        self.missing = missing
 
     def report(self, message):
         if progress_enabled(self.settings.progress):

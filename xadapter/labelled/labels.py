@@ -221,11 +221,17 @@ def stack_order(stacked, site_dim, space_dims):
 
 
 def stacked_index(stacked, dim, space_dims):
-    """The site labels of ``stacked`` along ``dim`` as a (Multi)Index over ``space_dims``."""
+    """The site labels of ``stacked`` along ``dim`` as a (Multi)Index over ``space_dims``.
+
+    Grid labels come from the stacked MultiIndex, or from plain coordinates along
+    ``dim`` once it was flattened (as in the saved state).
+    """
     if len(space_dims) == 1:
         return pd.Index(stacked[dim].values)
-    index = stacked.indexes[dim]
-    return pd.MultiIndex.from_arrays([index.get_level_values(d) for d in space_dims])
+    index = stacked.indexes.get(dim)
+    if isinstance(index, pd.MultiIndex):
+        return pd.MultiIndex.from_arrays([index.get_level_values(d) for d in space_dims])
+    return pd.MultiIndex.from_arrays([stacked[d].values for d in space_dims])
 
 
 def site_coords(stacked, site_dim):

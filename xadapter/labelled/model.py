@@ -292,11 +292,7 @@ class SpatialAdapter:
         return unstack(obj, self._site_dim, self._space_dims)
 
     def _site_index(self):
-        site = self.state[self._site_dim]
-        space_dims = self._space_dims
-        if len(space_dims) == 1:
-            return pd.Index(site.values)
-        return pd.MultiIndex.from_arrays([self.state[d].values for d in space_dims], names=list(space_dims))
+        return stacked_index(self.state, self._site_dim, self._space_dims)
 
     @property
     def basis(self):
