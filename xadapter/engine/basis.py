@@ -49,7 +49,7 @@ import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
 from .checks import nonnegative
-from .chunks import time_blocks
+from .chunks import is_lazy, materialise, time_blocks
 from ..exceptions import InputError, ProblemTooLargeError, warn
 
 #: ``method="auto"`` with an active penalty uses the dense eigensolver up to this many
@@ -106,17 +106,6 @@ _RHO_FACTOR = 4.0
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _is_lazy(array):
-    return hasattr(array, "dask") or (hasattr(array, "compute") and not isinstance(array, np.ndarray))
-
-
-def _materialise(array):
-    """numpy result of a (possibly lazy) array expression."""
-    if _is_lazy(array):
-        array = array.compute()
-    return np.asarray(array, dtype=np.float64)
 
 
 def _frobenius(a):
@@ -194,33 +183,33 @@ class _CentredData:
         self.data = data
         self.n_times, self.n_sites = data.shape
         if center:
-            self.mean = _materialise(data.mean(axis=0))
+            self.mean = materialise(data.mean(axis=0))
         else:
             self.mean = np.zeros(self.n_sites)
         self.center = bool(center)
 
     def times(self, v):
         """``Dc v``: (N,) -> (T,) or (N, k) -> (T, k)."""
-        return _materialise(self.data @ v) - self.mean @ v
+        return materialise(self.data @ v) - self.mean @ v
 
     def rtimes(self, w):
         """``Dc^T w``: (T,) -> (N,) or (T, k) -> (N, k)."""
-        return _materialise(self.data.T @ w) - np.multiply.outer(self.mean, np.sum(w, axis=0))
+        return materialise(self.data.T @ w) - np.multiply.outer(self.mean, np.sum(w, axis=0))
 
     def gram_times(self, v):
         """``Dc^T (Dc v)``; on dask data one pass over the time chunks."""
-        if _is_lazy(self.data):
+        if is_lazy(self.data):
             centred = self.data - self.mean
-            return _materialise(centred.T @ (centred @ v))
+            return materialise(centred.T @ (centred @ v))
         return self.rtimes(self.times(v))
 
     def _block(self, rows=slice(None), cols=slice(None)):
-        block = _materialise(self.data[rows, cols])
+        block = materialise(self.data[rows, cols])
         return block - self.mean[cols]
 
     def gram_space(self):
         """``Dc^T Dc`` (N x N), accumulated over blocks of time rows (dask: its chunks)."""
-        if _is_lazy(self.data):
+        if is_lazy(self.data):
             # folded chunk by chunk into one accumulator (symmetric rank-k updates in place)
             gram = np.zeros((self.n_sites, self.n_sites), order="F")
             for block in time_blocks(self.data - self.mean):
@@ -291,7 +280,7 @@ class _Objective:
 
 
 def _check_data(data):
-    if not _is_lazy(data):
+    if not is_lazy(data):
         data = np.asarray(data)
         if not np.issubdtype(data.dtype, np.number) or np.issubdtype(data.dtype, np.complexfloating):
             raise InputError(f"data must be a real numeric (T, N) array, got dtype {data.dtype}.")
@@ -299,7 +288,7 @@ def _check_data(data):
     if data.ndim != 2:
         raise InputError(f"data must be a 2-D (time, space) array, got {data.ndim} dimension(s).")
     finite = np.isfinite(data).all()
-    if _is_lazy(finite):
+    if is_lazy(finite):
         finite = finite.compute()
     if not finite:
         raise InputError("data contain NaN or infinite values; fill or drop missing values first "
@@ -847,7 +836,7 @@ def _use_dense(method, objective, n_sites):
         return True
     if method == "matrix-free":
         return False
-    if _is_lazy(objective.ops.data):
+    if is_lazy(objective.ops.data):
         return n_sites <= LAZY_GRAM_MAX_SITES
     return n_sites <= AUTO_DENSE_MAX_SITES
 
@@ -855,7 +844,7 @@ def _use_dense(method, objective, n_sites):
 def _smooth_basis(objective, rank, init, method, dense, tol, max_iter):
     """Exact top eigenvectors of ``A`` (the ``tau2 = 0`` solution)."""
     ops = objective.ops
-    lazy = _is_lazy(ops.data)
+    lazy = is_lazy(ops.data)
     # the dual T x T Gram pairs every time chunk with every other: not on dask data
     dual = (not objective.penalised and ops.n_times < ops.n_sites and not lazy
             and rank <= ops.n_times - 1 - int(ops.center) and method != "dense")
