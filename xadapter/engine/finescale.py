@@ -112,6 +112,11 @@ _SQRT3 = np.sqrt(3.0)
 #: sill into nugget and partial sill (see :func:`fit_fine_scale`).
 LOCAL_NEIGHBOURS = 8
 
+#: Coarse grid of nugget fractions and (log-spaced) ranges that chooses the start of the
+#: local-likelihood optimisation (see :func:`_split_sill_locally`).
+_SPLIT_GRID_FRACTIONS = (0.05, 0.35, 0.65, 0.95)
+_SPLIT_GRID_RANGES = 6
+
 #: Largest number of centre sites in the local likelihood (bounds its memory and time
 #: whatever N and T).
 LOCAL_MAX_CENTRES = 1000
@@ -608,12 +613,19 @@ def _split_sill_locally(blocks, kind, sill, range_km, nugget, range_bounds):
         return _local_negative_loglik(blocks, kind, sill * (1.0 - fraction), np.exp(log_range),
                                       sill * fraction)
 
+    # The likelihood can have a local optimum at each end of the range axis, and the
+    # variogram's range is arbitrary when its partial sill is zero; a coarse grid picks
+    # the basin, so a change of the data in the last digit cannot move the start (and
+    # the answer) from one optimum to the other.
+    grid = [(fraction, log_range) for fraction in _SPLIT_GRID_FRACTIONS
+            for log_range in np.linspace(*log_bounds, _SPLIT_GRID_RANGES)]
+    grid_best = min(grid, key=lambda x: (objective(np.array(x)), x))
     start_range = float(np.clip(np.log(range_km), *log_bounds))
+    starts = [[float(np.clip(nugget / sill, 0.0, 1.0)), start_range], list(grid_best)]
     best = None
-    for fraction in sorted({float(np.clip(nugget / sill, 0.0, 1.0)), 0.5}):
-        result = minimize(objective, [fraction, start_range], method="L-BFGS-B",
-                          bounds=[(0.0, 1.0), log_bounds])
-        if best is None or result.fun < best.fun:
+    for start in starts:
+        result = minimize(objective, start, method="L-BFGS-B", bounds=[(0.0, 1.0), log_bounds])
+        if best is None or (result.fun, tuple(result.x)) < (best.fun, tuple(best.x)):
             best = result
     fraction, log_range = _newton_polish(objective, best.x, [(0.0, 1.0), log_bounds])
     # Spatially white remainders: the pure nugget (range irrelevant) unless the correlated
