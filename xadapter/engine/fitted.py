@@ -86,6 +86,12 @@ class FittedModel:
         Observed neighbours of the local fine-scale kriging.
     extension : dict
         Options of :func:`xadapter.engine.extend.extend_basis`.
+    var : VarModel or None
+        Vector autoregression of the kept component scores
+        (:mod:`xadapter.engine.forecast`); None when not fitted.
+    stream : RunningStatistics or None
+        Running statistics of every time fitted so far, kept for streaming updates
+        (:mod:`xadapter.engine.streaming`); None when the fit does not keep them.
     """
 
     basis: np.ndarray
@@ -107,6 +113,8 @@ class FittedModel:
     selection: np.ndarray | None = None
     fine_neighbors: int = 30
     extension: dict = field(default_factory=dict)
+    var: object = None
+    stream: object = None
 
     def __post_init__(self):
         # projected once: the site CV and every kriging call at new sites use it
@@ -152,6 +160,16 @@ class FittedModel:
     def target_planar(self, targets):
         """Planar km coordinates of ``targets`` in the projection of the fitted sites."""
         return targets.planar_km(self.sites.centre())
+
+    @property
+    def kept_loadings(self):
+        """Loadings of the kept components (positive eigenvalues), (N, L)."""
+        return self.loadings[:, self.eigenvalues > 0]
+
+    @property
+    def remainder_variance(self):
+        """Variance of what the kept low rank leaves at a site: fine-scale sill, else the white noise."""
+        return float(self.fine.sill) if self.fine is not None else float(self.low_rank_noise_variance)
 
     def replace(self, **changes):
         """A copy with some fields changed (e.g. other eigenvalues for a rank candidate)."""

@@ -20,6 +20,9 @@ from .progress import progress_enabled
 
 FINE_SCALE_KINDS = (None, "exponential", "matern32")
 EXTENSION_METHODS = ("auto", "global", "local")
+TASKS = ("gaussian", "binary")
+BINARY_RESIDUALS = ("working", "logit")
+PREDICTION_SCALES = ("probability", "logit")
 
 
 def _integer(name, value, minimum, *, allow_none=False):
@@ -71,6 +74,13 @@ class Settings:
     site_folds: int | None = 5
     cv_max_times: int | None = 200
     cv_time_blocks: int = 3
+    task: str = "gaussian"
+    binary_residual: str = "working"
+    binary_clip: float = 0.01
+    prediction_scale: str = "probability"
+    var_order: int = 1
+    var_ridge: float = 1e-3
+    streaming: bool = False
 
     def __post_init__(self):
         fix = object.__setattr__
@@ -107,6 +117,15 @@ class Settings:
             fix(self, "site_folds", _integer("site_folds (None or 0 to switch off)", self.site_folds, 2))
         fix(self, "cv_max_times", _integer("cv_max_times", self.cv_max_times, 1, allow_none=True))
         fix(self, "cv_time_blocks", _integer("cv_time_blocks", self.cv_time_blocks, 1))
+        _choice("task", self.task, TASKS)
+        _choice("binary_residual", self.binary_residual, BINARY_RESIDUALS)
+        fix(self, "binary_clip", nonnegative("binary_clip", self.binary_clip, strict=True, below=0.5))
+        _choice("prediction_scale", self.prediction_scale, PREDICTION_SCALES)
+        fix(self, "var_order", _integer("var_order", self.var_order, 1))
+        fix(self, "var_ridge", nonnegative("var_ridge", self.var_ridge))
+        if not isinstance(self.streaming, (bool, np.bool_)):
+            raise InputError(f"streaming must be True or False, got {self.streaming!r}.")
+        fix(self, "streaming", bool(self.streaming))
         if self.tau1 == "cv" and self.site_folds is None:
             raise InputError("tau1='cv' needs the cross-validation over sites: set site_folds >= 2.")
         if self.rank == "auto" and self.site_folds is None:

@@ -19,7 +19,10 @@ import pandas as pd
 import xarray as xr
 
 from .._version import __version__
-from ..engine import pipeline
+from ..engine import binary as binary_engine
+from ..engine import forecast as forecast_engine
+from ..engine import pipeline, streaming
+from ..engine.kriging import KrigingResult
 from ..engine.kriging import conformal_multiplier
 from ..engine.settings import Settings
 from ..engine import chunks
@@ -54,6 +57,7 @@ _PARAMETER_NAMES = (
     "ridge", "rho", "batch_size", "phi_every", "phi_freeze", "momentum", "min_iter", "max_iter",
     "tol", "extension", "extension_neighbors", "extension_smoothing", "seed", "time_dim",
     "space_dims", "progress", "fine_neighbors", "site_folds", "cv_max_times", "cv_time_blocks",
+    "task", "binary_residual", "binary_clip", "prediction_scale", "var_order", "var_ridge", "streaming",
 )
 
 
@@ -132,6 +136,28 @@ class SpatialAdapter:
         Progress bars (tqdm) over the ADMM iterations and the site cross-validation
         folds on stderr: True always, False never, None only when stderr is a
         terminal (so scripts and CI stay silent).
+    task : {"gaussian", "binary"}, default "gaussian"
+        ``"binary"``: the targets are 0/1 labels and the first stage gives
+        probabilities (or logits); the residual lives on the logit scale
+        (:meth:`residual`), :meth:`krige` takes labels and returns the latent logit and
+        the predictive ``probability`` (:mod:`xadapter.engine.binary`).
+    binary_residual : {"working", "logit"}, default "working"
+        Logit-scale residual of a binary target: the IRLS working residual
+        ``(y - p) / (p (1 - p))`` (unbiased for the logit offset to first order), or
+        ``logit(y_c) - logit(p)`` with ``y`` clipped to ``[c, 1 - c]``.
+    binary_clip : float, default 0.01
+        ``c``: clip of labels and probabilities (dimensionless, in (0, 0.5)).
+    prediction_scale : {"probability", "logit"}, default "probability"
+        Scale of a binary first-stage prediction.
+    var_order : int, default 1
+        Order of the vector autoregression of the scores used by :meth:`forecast`.
+    var_ridge : float, default 1e-3
+        Ridge weight of the VAR, relative to the mean diagonal of its lagged Gram
+        matrix (dimensionless).
+    streaming : bool, default False
+        Keep the running statistics (the ``N x N`` Gram matrix of the sites, at most
+        :data:`xadapter.engine.streaming.STREAM_MAX_SITES`) that :meth:`update` needs.
+        Needs complete residuals, no trend, ``tau2=0`` and a fixed rank and ``tau1``.
     """
 
     def __init__(
@@ -164,6 +190,13 @@ class SpatialAdapter:
         site_folds=5,
         cv_max_times=200,
         cv_time_blocks=3,
+        task="gaussian",
+        binary_residual="working",
+        binary_clip=0.01,
+        prediction_scale="probability",
+        var_order=1,
+        var_ridge=1e-3,
+        streaming=False,
     ):
         self.rank = rank
         self.tau1 = tau1
@@ -193,6 +226,13 @@ class SpatialAdapter:
         self.site_folds = site_folds
         self.cv_max_times = cv_max_times
         self.cv_time_blocks = cv_time_blocks
+        self.task = task
+        self.binary_residual = binary_residual
+        self.binary_clip = binary_clip
+        self.prediction_scale = prediction_scale
+        self.var_order = var_order
+        self.var_ridge = var_ridge
+        self.streaming = streaming
         self._state = None
         self._fitted = None
 
@@ -245,7 +285,13 @@ class SpatialAdapter:
         sites = site_coordinates(stacked, site_dim, space_dims)
         stacked = _drop_empty_times(stacked, time_dim)
         features, covariates = covariate_array(covariates, stacked, time_dim, site_dim, space_dims)
+        if settings.streaming:
+            streaming.check_streamable_size(stacked.shape[1])
+            streaming.check_streamable(settings, has_gaps=False, has_trend=covariates is not None)
+            if chunks.compute(np.isnan(stacked.data).any())[0]:
+                streaming.check_streamable(settings, has_gaps=True, has_trend=False)
         fitted = pipeline.fit(stacked.data, sites, settings, covariates, site_names=stacked[site_dim].values)
+        fitted = _with_forecast_and_stream(fitted, stacked.data, settings)
         state = state_io.to_dataset(
             fitted, site_coords=site_coords(stacked, site_dim), site_dim=site_dim,
             space_dims=stack_order(stacked, site_dim, space_dims), time_dim=time_dim,
@@ -403,7 +449,7 @@ class SpatialAdapter:
 
     # ------------------------------------------------------------------ kriging
     def krige(self, observed, at=None, level=0.9, include_noise=True, calibrate=None, covariates=None,
-              first_stage=None):
+              first_stage=None, prediction=None, *, _binary=True):
         """Krige the residual at unobserved sites.
 
         Parameters
@@ -427,12 +473,25 @@ class SpatialAdapter:
             observed and target site (matched by space labels).
         first_stage : xarray.DataArray, optional
             First-stage prediction at the targets; added to ``mean``/``lower``/``upper``.
+            ``task="binary"``: required, the first-stage probabilities (or logits)
+            at the targets.
+        prediction : xarray.DataArray, optional
+            ``task="binary"`` only: the first stage at the fitted sites over the times
+            of ``observed`` (default ``first_stage`` when ``at`` is None); the labels
+            enter the kriging as the residual against it (:meth:`residual`).
 
         Returns
         -------
         xarray.Dataset
             ``mean``, ``variance``, ``lower``, ``upper`` with dims (time, target dims).
+            ``task="binary"`` (``observed`` then holds 0/1 labels): ``mean`` and
+            ``variance`` of the latent logit (first stage plus kriged residual,
+            without the white noise, which is mostly Bernoulli noise),
+            ``probability`` (the logistic-normal mean) and ``lower``/``upper`` the
+            logistic-normal interval ``[sigmoid(m - q s), sigmoid(m + q s)]``.
         """
+        if self.task == "binary" and _binary:
+            return self._krige_binary(_as_dataarray(observed, "observed"), at, level, first_stage, prediction)
         fitted = self.fitted
         observed = _as_dataarray(observed, "observed")
         time_dim, site_dim = self._time_dim, self._site_dim
@@ -542,6 +601,218 @@ class SpatialAdapter:
                          created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
         return out
 
+    # ------------------------------------------------------------------ forecasting
+    def forecast(self, steps, start=None, at=None, level=0.9):
+        """Forecast the residual field ``1..steps`` time steps ahead.
+
+        The kept component scores follow a ridge-regularised VAR (order
+        ``var_order``, :mod:`xadapter.engine.forecast`); the forecast variance is the
+        VAR's propagated innovation covariance through the loadings plus the variance
+        of what the low rank leaves (fine-scale sill or white noise), for a new
+        observation.
+
+        Parameters
+        ----------
+        steps : int
+            Horizon in time steps (>= 1).
+        start : time label or xarray.DataArray, optional
+            Where the forecast starts: default the last fitted time; a label of a
+            fitted time; or residuals ``(time, space dims...)`` at the fitted sites
+            (the last ``var_order`` times are used; gaps are filled with the kriged
+            mean, whose uncertainty is then left out).
+        at : xarray.Dataset or DataArray, optional
+            Target locations as in :meth:`krige`; default the fitted sites.
+        level : float, default 0.9
+            Central probability of the intervals.
+
+        Returns
+        -------
+        xarray.Dataset
+            ``mean``, ``variance``, ``lower``, ``upper`` over (time, target dims); the
+            time labels continue the start's spacing, ``step`` counts 1..steps.
+        """
+        fitted = self.fitted
+        steps = forecast_engine.check_steps(steps)
+        if fitted.trend_coefficients is not None:
+            raise InputError("forecast of an adapter with a residual trend is not supported: the trend needs "
+                             "covariates at the future times. Fit the adapter without covariates to forecast.")
+        history, start_times = self._forecast_start(start, fitted)
+        targets = None
+        if at is None:
+            template = self._fitted_template()
+        else:
+            template, targets = target_sites(at)
+        mean, variance = forecast_engine.forecast_field(fitted, history, steps, targets)
+        result = KrigingResult.from_moments(mean, variance, level)
+        times = pd.Index(_continue_times(start_times, self.state[self._time_dim].values, steps), name=self._time_dim)
+        out = self._kriging_dataset(result, None, template, times, level, True, at is None)
+        for name, text in (("mean", "forecast mean"), ("variance", "forecast variance")):
+            out[name].attrs["long_name"] = f"{text} of the residual field (new observation)"
+        out = out.assign_coords(step=(self._time_dim, np.arange(1, steps + 1)))
+        out.attrs.update(start=str(_plain_label(start_times[-1])), steps=steps, var_order=int(fitted.var.order))
+        return out
+
+    def _fitted_template(self):
+        n_sites = self.state.sizes[self._site_dim]
+        blank = xr.DataArray(np.zeros((1, n_sites)), dims=(self._time_dim, self._site_dim),
+                             coords={self._site_dim: np.arange(n_sites)})
+        return self._with_fitted_coords(blank).isel({self._time_dim: 0}, drop=True)
+
+    def _forecast_start(self, start, fitted):
+        """Component scores ``(p', L)`` the forecast starts from, and their time labels."""
+        order = fitted.var.order if fitted.var is not None else int(self.var_order)
+        time_dim = self._time_dim
+        if isinstance(start, xr.DataArray):
+            self._check_units(start)
+            if time_dim not in start.dims:
+                raise InputError(f"start has no {time_dim!r} dim (dims: {tuple(start.dims)}).")
+            aligned = align_to_sites(start, self._site_index(), self._site_dim, self._space_dims, time_dim,
+                                     what="start")
+            data = np.asarray(aligned.values, dtype=np.float64)
+            if data.shape[0] < order:
+                raise InputError(f"start needs at least var_order={order} time steps, got {data.shape[0]}.")
+            gaps = np.isnan(data)
+            if gaps.all(axis=1).any():
+                raise InputError("start has a time step with no observation at all.")
+            if gaps.any():
+                data = np.where(gaps, pipeline.krige(fitted, data, include_noise=False).mean, data)
+            history = (data - fitted.mean) @ fitted.kept_loadings
+            return history, aligned[time_dim].values
+        times = self.state[time_dim].values
+        series = forecast_engine.component_scores(fitted.scores, fitted.rotation, fitted.eigenvalues)
+        if start is None:
+            end = len(times)
+        else:
+            try:
+                end = self.state.indexes[time_dim].get_loc(start) + 1
+            except (KeyError, TypeError, ValueError):
+                raise InputError(f"start={start!r} is not a fitted time; give a fitted time label, or the "
+                                 "residuals to start from as a DataArray.") from None
+            if not isinstance(end, (int, np.integer)):
+                raise InputError(f"start={start!r} matches several fitted times; give one time label.")
+        if end < order:
+            raise InputError(f"start={start!r} leaves fewer than var_order={order} fitted times before it.")
+        return series[end - order:end], times[:end]
+
+    # ------------------------------------------------------------------ streaming
+    def update(self, residuals):
+        """Fold new time steps into the fitted adapter, without the old data.
+
+        Needs an adapter fitted with ``streaming=True``. The running sums (Gram
+        matrix, site sums, lag-one products) gain the new times; basis, site mean,
+        covariance, scores and VAR are recomputed from them
+        (:mod:`xadapter.engine.streaming`: the same basis and spectrum as a full
+        refit on all times, up to rounding; old scores re-expressed through the old
+        span). The fine-scale covariance and the site calibration are kept from the
+        last full fit.
+
+        Parameters
+        ----------
+        residuals : xarray.DataArray
+            ``(time, space dims...)`` residuals at every fitted site, no NaN, all
+            times after the last fitted time.
+
+        Returns
+        -------
+        self
+        """
+        fitted = self.fitted
+        settings = self.settings()
+        residuals = _as_dataarray(residuals, "residuals")
+        time_dim, site_dim = self._time_dim, self._site_dim
+        if fitted.stream is None:
+            raise InputError("this adapter keeps no running statistics: fit it with streaming=True to update it.")
+        if time_dim not in residuals.dims:
+            raise InputError(f"residuals have no {time_dim!r} dim (dims: {tuple(residuals.dims)}).")
+        self._check_units(residuals)
+        check_time_index(residuals, time_dim)
+        aligned = align_to_sites(residuals, self._site_index(), site_dim, self._space_dims, time_dim,
+                                 what="new residuals")
+        data = np.asarray(aligned.values, dtype=np.float64)
+        absent = np.flatnonzero(np.isnan(data).all(axis=0))
+        if absent.size:
+            raise InputError(f"new residuals lack {absent.size} fitted site(s) (e.g. position {int(absent[0])}): "
+                             "an update needs every fitted site at every new time.")
+        new_times = aligned[time_dim].values
+        old_times = self.state[time_dim].values
+        if not (np.all(new_times[1:] > new_times[:-1]) and new_times[0] > old_times[-1]):
+            raise InputError(f"new residuals must have increasing times after the last fitted time "
+                             f"({_plain_label(old_times[-1])}).")
+        omega = pipeline._penalty(fitted.sites, settings) if float(settings.tau1) else None
+        updated = streaming.update(fitted, data, settings, omega)
+        state = self.state
+        site_coords = {k: (site_dim, v.values, v.attrs) for k, v in state[site_dim].coords.items()
+                       if v.dims == (site_dim,)}
+        new_state = state_io.to_dataset(
+            updated, site_coords=site_coords, site_dim=site_dim, space_dims=self._space_dims, time_dim=time_dim,
+            times=np.concatenate([old_times, new_times]), units=state.attrs.get("units", ""), features=None,
+            parameters=self.get_params(),
+        )
+        self._fitted, self._state = updated, new_state
+        return self
+
+    # ------------------------------------------------------------------ binary targets
+    def residual(self, target, prediction):
+        """Residual of ``target`` against a first-stage ``prediction``, as this adapter models it.
+
+        ``task="gaussian"``: ``target - prediction``. ``task="binary"``: the
+        logit-scale residual of labels ``target`` (0/1, NaN where unobserved) against
+        probabilities (or logits, ``prediction_scale``) ``prediction``
+        (``binary_residual``, :func:`xadapter.engine.binary.residual`).
+
+        Returns
+        -------
+        xarray.DataArray
+        """
+        target = _as_dataarray(target, "target")
+        prediction = _as_dataarray(prediction, "prediction")
+        if self.task != "binary":
+            out = target - prediction
+            out.attrs = {"units": target.attrs.get("units") or prediction.attrs.get("units", "")}
+            return out
+        settings = self.settings()
+        target, prediction = xr.align(target, prediction, join="exact")
+        values = binary_engine.residual(target.values, prediction.values, settings.binary_residual,
+                                        settings.prediction_scale, settings.binary_clip)
+        return target.copy(data=values).assign_attrs(
+            units="1", long_name=f"logit-scale residual ({settings.binary_residual}) of the binary target")
+
+    def _krige_binary(self, observed, at, level, first_stage, prediction):
+        """Kriging of labels: latent logit mean/variance, predictive probability and its interval."""
+        settings = self.settings()
+        if first_stage is None:
+            raise InputError("task='binary': pass first_stage=... (first-stage probabilities or logits at the "
+                             "kriging targets, over the times of observed).")
+        if prediction is None:
+            if at is not None:
+                raise InputError("task='binary' with at=...: pass prediction=... (the first stage at the fitted "
+                                 "sites, over the times of observed) as well as first_stage at the targets.")
+            prediction = first_stage
+        residuals = self.residual(observed, _as_dataarray(prediction, "prediction").broadcast_like(observed))
+        latent = self.krige(residuals, at=at, level=level, include_noise=False, _binary=False)
+        eta = xr.DataArray(binary_engine.first_stage_logit(first_stage.values, settings.prediction_scale,
+                                                           settings.binary_clip),
+                           dims=first_stage.dims, coords=first_stage.coords)
+        eta = eta.transpose(*[d for d in latent["mean"].dims if d in eta.dims])
+        if eta.shape != latent["mean"].shape:
+            raise InputError(f"first_stage has dims {dict(first_stage.sizes)}; it must cover the kriging times and "
+                             f"targets {dict(latent['mean'].sizes)}.")
+        mean = latent["mean"] + eta.values
+        variance = latent["variance"]
+        multiplier = float(latent.attrs["multiplier"])
+        lower, upper = binary_engine.logistic_normal_interval(mean.values, variance.values, multiplier)
+        out = latent.copy()
+        out["mean"] = mean.assign_attrs(units="1", long_name="kriged mean of the latent logit")
+        out["variance"] = variance.assign_attrs(units="1", long_name="kriging variance of the latent logit")
+        out["probability"] = mean.copy(data=binary_engine.logistic_normal_mean(mean.values, variance.values)).assign_attrs(
+            units="1", long_name="predictive probability (logistic-normal mean, Gauss-Hermite)")
+        out["lower"] = mean.copy(data=lower).assign_attrs(units="1", long_name=f"lower bound of the {level:.0%} "
+                                                          "logistic-normal interval of the probability")
+        out["upper"] = mean.copy(data=upper).assign_attrs(units="1", long_name=f"upper bound of the {level:.0%} "
+                                                          "logistic-normal interval of the probability")
+        out.attrs["task"] = "binary"
+        return out
+
     # ------------------------------------------------------------------ persistence
     def to_netcdf(self, path):
         """Write the fitted adapter to one CF-style NetCDF file, atomically."""
@@ -611,12 +882,27 @@ def load(path):
             f"xadapter {state.attrs.get('xadapter_version', '?')}) that this version ({__version__}) cannot "
             f"restore: {type(error).__name__}: {error}; refit the adapter and save it again."
         ) from error
+    if fitted.var is None and fitted.scores.shape[0] >= adapter.settings().var_order + 2:
+        # a file written before forecasting existed: its VAR follows from the stored scores
+        settings = adapter.settings()
+        series = forecast_engine.component_scores(fitted.scores, fitted.rotation, fitted.eigenvalues)
+        fitted = fitted.replace(var=forecast_engine.fit_var(series, settings.var_order, settings.var_ridge))
     adapter._state = state
     adapter._fitted = fitted
     return adapter
 
 
 # ---------------------------------------------------------------------- helpers
+def _with_forecast_and_stream(fitted, data, settings):
+    """``fitted`` with the VAR of its scores and, for ``streaming=True``, the running statistics."""
+    var = None
+    if fitted.scores.shape[0] >= settings.var_order + 2:
+        series = forecast_engine.component_scores(fitted.scores, fitted.rotation, fitted.eigenvalues)
+        var = forecast_engine.fit_var(series, settings.var_order, settings.var_ridge)
+    stream = streaming.running_statistics(data, reference=fitted.mean) if settings.streaming else None
+    return fitted.replace(var=var, stream=stream)
+
+
 def _drop_empty_times(stacked, time_dim):
     """``stacked`` without its time steps that have no observation (every site NaN), with a warning.
 
@@ -634,6 +920,13 @@ def _drop_empty_times(stacked, time_dim):
     warn(f"{labels.size} time step(s) of the residuals have no observation at any {site_dim!r} (all NaN): "
          f"{shown}{more}; they are dropped from the fit (scores cover the other times only).")
     return stacked.isel({time_dim: np.flatnonzero(~empty)})
+
+
+def _continue_times(start_times, fitted_times, steps):
+    """Time labels of the ``steps`` forecast times after ``start_times[-1]`` (same spacing)."""
+    reference = start_times if len(start_times) >= 2 else fitted_times
+    spacing = reference[-1] - reference[-2]
+    return np.asarray([start_times[-1] + spacing * (h + 1) for h in range(steps)])
 
 
 def _plain_label(value):

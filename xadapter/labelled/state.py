@@ -131,6 +131,8 @@ def to_dataset(model, *, site_coords, site_dim, space_dims, time_dim, times, uni
             data_vars[f"calibration_{key}"] = (("distance_bin",), calibration.by_distance[key])
         data_vars["calibration_distance"] = (("distance_bin",), calibration.by_distance["distance_km"], {
             "long_name": "upper edge of the distance bin", "units": "km"})
+    data_vars.update(_var_variables(model.var, units))
+    data_vars.update(_stream_variables(model.stream, site_dim, units))
     coords = dict(site_coords)
     coords[time_dim] = np.asarray(times)
     coords["mode"] = np.arange(model.rank)
@@ -168,6 +170,61 @@ def to_dataset(model, *, site_coords, site_dim, space_dims, time_dim, times, uni
         attrs["cv_rmse"] = float(calibration.rmse)
         attrs["cv_coverage"] = float(calibration.coverage)
     return xr.Dataset(data_vars, coords=coords, attrs=attrs)
+
+
+def _var_variables(var, units):
+    """State variables of the VAR of the scores (none when there is no VAR)."""
+    if var is None:
+        return {}
+    dims = ("var_component", "var_component_")
+    return {
+        "var_coefficients": (("var_lag",) + dims, np.asarray(var.coefficients, dtype=np.float64), {
+            "long_name": "VAR coefficients A_j of the kept component scores: c_t = sum_j A_j c_(t-j) + eps_t",
+            "units": "1"}),
+        "var_innovation_covariance": (dims, np.asarray(var.innovation_covariance, dtype=np.float64), {
+            "long_name": "innovation covariance Q of the VAR of the scores", "units": squared_units(units)}),
+    }
+
+
+def _stream_variables(stream, site_dim, units):
+    """State variables of the running statistics of streaming updates (none when not kept)."""
+    if stream is None:
+        return {}
+    other = f"{site_dim}_"
+    squared = squared_units(units)
+    return {
+        "stream_reference": ((site_dim,), stream.reference, {
+            "long_name": "reference level the running sums are taken about", "units": units}),
+        "stream_sum": ((site_dim,), stream.total, {
+            "long_name": "running sum over times of residual minus reference", "units": units}),
+        "stream_gram": ((site_dim, other), stream.gram, {
+            "long_name": "running sum over times of outer products of residual minus reference",
+            "units": squared}),
+        "stream_first": ((site_dim,), stream.first, {"long_name": "first fitted residual", "units": units}),
+        "stream_last": ((site_dim,), stream.last, {"long_name": "latest fitted residual", "units": units}),
+        "stream_lag_one": ((), float(stream.lag_one), {
+            "long_name": "running sum of lag-one products of residual minus reference", "units": squared}),
+        "stream_count": ((), int(stream.n_times), {"long_name": "times summed", "units": "1"}),
+    }
+
+
+def _var_of(state):
+    from ..engine.forecast import VarModel
+
+    if "var_coefficients" not in state:
+        return None
+    return VarModel(state["var_coefficients"].values, state["var_innovation_covariance"].values)
+
+
+def _stream_of(state):
+    from ..engine.streaming import RunningStatistics
+
+    if "stream_gram" not in state:
+        return None
+    return RunningStatistics(
+        n_times=int(state["stream_count"]), reference=state["stream_reference"].values,
+        total=state["stream_sum"].values, gram=state["stream_gram"].values, lag_one=float(state["stream_lag_one"]),
+        first=state["stream_first"].values, last=state["stream_last"].values)
 
 
 def check_format(state, path):
@@ -255,5 +312,5 @@ def from_dataset(state, parameters):
         n_eff=n_eff, history=history, converged=bool(attrs["converged"]), n_iter=int(attrs["n_iter"]),
         skipped_loop=bool(attrs["skipped_loop"]), calibration=calibration, selection=selection,
         fine_neighbors=int(attrs.get("fine_neighbors", parameters.get("fine_neighbors", 30))),
-        extension=extension,
+        extension=extension, var=_var_of(state), stream=_stream_of(state),
     )
