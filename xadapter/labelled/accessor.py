@@ -73,6 +73,11 @@ class DatasetAdapterAccessor:
             Names of the observed variable and of the first-stage prediction.
         covariates : list of str, optional
             Variables stacked along a new ``feature`` dim as residual-trend covariates.
+        **params
+            Constructor parameters of :class:`SpatialAdapter`. With ``task="binary"``
+            ``target`` holds 0/1 labels and ``prediction`` the first-stage
+            probabilities (or logits); the adapter is fitted on the logit-scale
+            residual (:meth:`SpatialAdapter.residual`).
         """
         covariate_array = None
         if covariates:
@@ -81,4 +86,12 @@ class DatasetAdapterAccessor:
                 raise InputError(f"covariates {missing} are not variables of the Dataset.")
             covariate_array = xr.concat([self._obj[c] for c in covariates], dim="feature").assign_coords(
                 feature=list(covariates))
-        return _model()(**params).fit(self.residual(target, prediction), covariates=covariate_array)
+        model = _model()(**params)
+        if params.get("task") == "binary":
+            if prediction is None:
+                raise InputError("task='binary' needs prediction=... (the first-stage probabilities or logits).")
+            for name in (target, prediction):
+                if name not in self._obj.data_vars:
+                    raise InputError(f"{name!r} is not a variable of the Dataset (variables: {list(self._obj.data_vars)}).")
+            return model.fit(model.residual(self._obj[target], self._obj[prediction]), covariates=covariate_array)
+        return model.fit(self.residual(target, prediction), covariates=covariate_array)
