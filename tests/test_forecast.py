@@ -184,3 +184,23 @@ def test_forecast_round_trips_and_older_files_still_forecast(var_case, tmp_path)
     old.to_netcdf(tmp_path / "old.nc")
     restored = xadapter.load(tmp_path / "old.nc")
     np.testing.assert_allclose(restored.forecast(2)["mean"].values, adapter.forecast(2)["mean"].values, atol=1e-12)
+
+
+def test_cli_forecast_writes_the_public_forecast(var_case, tmp_path, capsys):
+    from xadapter.cli import main
+
+    _, _, adapter = var_case
+    adapter.to_netcdf(tmp_path / "adapter.nc")
+    out = tmp_path / "f.nc"
+    assert main(["forecast", str(tmp_path / "adapter.nc"), "--steps", "3", "-o", str(out), "-q"]) == 0
+    with xr.open_dataset(out) as written:
+        np.testing.assert_array_equal(written["mean"].values, adapter.forecast(3)["mean"].values)
+        np.testing.assert_array_equal(written["upper"].values, adapter.forecast(3)["upper"].values)
+        assert "xadapter forecast" in written.attrs["history"]
+    assert main(["forecast", str(tmp_path / "adapter.nc"), "--steps", "2", "--grid", "32:40:4,-105:-95:5",
+                 "-o", str(tmp_path / "g.nc"), "-q"]) == 0
+    with xr.open_dataset(tmp_path / "g.nc") as written:
+        assert written["mean"].shape == (2, 3, 3) and written["lat"].attrs["units"] == "degrees_north"
+    capsys.readouterr()
+    assert main(["forecast", str(tmp_path / "adapter.nc"), "--steps", "0", "-o", str(tmp_path / "x.nc")]) == 2
+    assert "error:" in capsys.readouterr().err and not (tmp_path / "x.nc").exists()

@@ -8,6 +8,9 @@ Subcommands:
 ``xadapter krige ADAPTER.nc --observed OBS.nc --var NAME``
     krige observed residuals at the fitted sites, at the locations of a NetCDF file
     or on a regular lat/lon grid, and write mean, variance and interval bounds;
+``xadapter forecast ADAPTER.nc --steps N``
+    forecast the residual field the next N time steps after the last fitted time,
+    at the fitted sites, the locations of a NetCDF file or on a grid;
 ``xadapter info ADAPTER.nc``
     print the model summary, its parameters and its selection and calibration tables;
 ``xadapter plot ADAPTER.nc [KRIGED.nc]``
@@ -453,6 +456,28 @@ def _krige(args):
     return 0
 
 
+def _forecast(args):
+    say = _say(args)
+    output = _output_path(args.output)
+    adapter = _load_adapter(args.adapter)
+    targets = args.grid
+    if args.at is not None:
+        with _open_input(args.at) as at:
+            targets = at
+    start = time.perf_counter()
+    forecast = adapter.forecast(args.steps, at=targets, level=args.level)
+    forecast = _cf_coordinates(forecast, targets, adapter.state)
+    stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    forecast.attrs["history"] = f"{stamp}: {shlex.join(['xadapter'] + args.argv)}"
+    from .io.netcdf import atomic_to_netcdf
+
+    atomic_to_netcdf(forecast, output)
+    sizes = ", ".join(f"{dim}: {size}" for dim, size in forecast["mean"].sizes.items())
+    say(f"forecast {args.steps} step(s) after {forecast.attrs['start']} ({sizes}) in "
+        f"{time.perf_counter() - start:.2f} s; wrote {output}")
+    return 0
+
+
 def _write_progress(args):
     """A dask progress bar for writing lazy results, on a terminal and without ``--quiet``."""
     if getattr(args, "quiet", False) or not sys.stderr.isatty() or args.scheduler not in (None,) + LOCAL_SCHEDULERS:
@@ -667,6 +692,25 @@ def build_parser():
     krige.add_argument("-o", "--output", default="kriged.nc", metavar="KRIGED.nc", help="kriged file to write")
     _add_quiet(krige)
     krige.set_defaults(run=_krige)
+
+    forecast = sub.add_parser("forecast", formatter_class=formatter,
+                              help="forecast the residual field ahead with a fitted adapter",
+                              description="Forecast the residual field the next --steps time steps after the last "
+                                          "fitted time (VAR of the scores): at the fitted sites (default), at the "
+                                          "locations of --at, or on a --grid; writes mean, variance, lower and "
+                                          "upper as CF-labelled NetCDF.")
+    forecast.add_argument("adapter", metavar="ADAPTER.nc", help="adapter file written by 'xadapter fit'")
+    forecast.add_argument("--steps", type=_positive_int, default=1, metavar="N", help="time steps ahead")
+    where = forecast.add_mutually_exclusive_group()
+    where.add_argument("--at", metavar="TARGETS.nc",
+                       help="NetCDF file whose coordinates are the targets; default: the fitted sites")
+    where.add_argument("--grid", type=_grid, metavar="LAT0:LAT1:DLAT,LON0:LON1:DLON",
+                       help="forecast on a regular lat/lon grid (degrees, ends included)")
+    forecast.add_argument("--level", type=_level, default=0.9, help="central probability of the intervals")
+    forecast.add_argument("-o", "--output", default="forecast.nc", metavar="FORECAST.nc",
+                          help="forecast file to write")
+    _add_quiet(forecast)
+    forecast.set_defaults(run=_forecast)
 
     info = sub.add_parser("info", formatter_class=formatter, help="describe a saved adapter",
                           description="Print the model summary, parameters, file version and the selection "
