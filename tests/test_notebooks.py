@@ -24,6 +24,7 @@ NAMES = [
     "02_station_network.ipynb",
     "03_dask_and_distributed.ipynb",
     "04_rank_and_smoothness.ipynb",
+    "05_binary_forecast_streaming.ipynb",
 ]
 
 
