@@ -184,38 +184,71 @@ def test_variance_ratio_equals_a_hand_computation():
     count = rng.integers(5, 15, 30)
     ratio = val.variance_ratio_at(targets, sites, squared_error, model_variance, count,
                                   neighbours=4, prior_count=10.0)
+    pooled = squared_error.sum() / model_variance.sum()
+    dispersion = val.ratio_overdispersion(sites, squared_error, model_variance, count, neighbours=4)
     for target, got in zip(targets, ratio):
         nearest = np.argsort(np.linalg.norm(sites - target, axis=1))[:4]
         raw = squared_error[nearest].sum() / model_variance[nearest].sum()
-        n = count[nearest].sum()
-        assert got == pytest.approx((n * raw + 10.0) / (n + 10.0), rel=1e-12)
+        n = count[nearest].sum() / dispersion
+        assert got == pytest.approx(pooled * (n * raw / pooled + 10.0) / (n + 10.0), rel=1e-12)
 
 
-def test_variance_ratio_tends_to_one_with_few_counts_and_to_the_ratio_with_many():
-    sites = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
-    target = np.array([[0.2, 0.2]])
-    squared_error = np.array([8.0, 4.0, 6.0])  # raw ratio 18 / 6 = 3
-    model_variance = np.array([2.0, 2.0, 2.0])
-    ratios = [val.variance_ratio_at(target, sites, squared_error, model_variance, np.full(3, c),
-                                    neighbours=3, prior_count=50.0)[0] for c in (0, 1, 10, 1e3, 1e6)]
-    assert ratios[0] == pytest.approx(1.0)
-    assert np.all(np.diff(ratios) > 0)  # monotone from 1 towards 3
-    assert ratios[-1] == pytest.approx(3.0, rel=1e-4)
-    # a site pooled with its neighbours: more neighbours than sites uses them all
-    all_sites = val.variance_ratio_at(target, sites, squared_error, model_variance, np.full(3, 1e9),
-                                      neighbours=50)
-    assert all_sites[0] == pytest.approx(3.0, rel=1e-6)
-    # no model variance at all: ratio 1, never a division by zero
-    zero = val.variance_ratio_at(target, sites, squared_error, np.zeros(3), np.full(3, 10), neighbours=2)
-    assert zero[0] == pytest.approx(1.0)
+def test_overdispersion_by_hand_and_at_least_one():
+    rng = np.random.default_rng(3)
+    sites = rng.uniform(0, 100, (12, 2))
+    squared_error = rng.uniform(1, 9, 12)
+    model_variance = rng.uniform(1, 2, 12)
+    count = np.full(12, 40)
+    got = val.ratio_overdispersion(sites, squared_error, model_variance, count, neighbours=3)
+    terms = []
+    for i, site in enumerate(sites):
+        others = np.argsort(np.linalg.norm(sites - site, axis=1))[1:4]
+        local = squared_error[others].sum() / model_variance[others].sum()
+        terms.append(40 * (squared_error[i] / model_variance[i] - local) ** 2 / (2 * local**2))
+    assert got == pytest.approx(max(1.0, np.mean(terms)), rel=1e-12)
+    # every site with the same ratio: no scatter, the floor
+    assert val.ratio_overdispersion(sites, 2.0 * model_variance, model_variance, count) == 1.0
 
 
-def test_variance_ratio_is_local():
+def test_variance_ratio_tends_to_the_network_scale_with_few_counts_and_to_the_local_ratio_with_many():
     sites = np.column_stack([np.arange(20.0), np.zeros(20)])
-    squared_error = np.where(np.arange(20) < 10, 1.0, 9.0)
-    ratio = val.variance_ratio_at(np.array([[0.0, 0.0], [19.0, 0.0]]), sites, squared_error,
-                                  np.ones(20), np.full(20, 1e6), neighbours=5)
-    np.testing.assert_allclose(ratio, [1.0, 9.0], rtol=1e-3)
+    squared_error = np.where(np.arange(20) < 10, 1.0, 9.0)  # network-wide ratio 5
+    target = np.array([[0.0, 0.0]])
+    ratios = [val.variance_ratio_at(target, sites, squared_error, np.ones(20), np.full(20, c),
+                                    neighbours=5, prior_count=20.0)[0] for c in (0, 1, 10, 1e3, 1e6)]
+    assert ratios[0] == pytest.approx(5.0)
+    assert np.all(np.diff(ratios) <= 0)  # monotone from the network scale towards the local 1
+    # the jump between the halves counts as scatter at the sites next to it, so the
+    # effective counts stop growing with the counts: most of the way, not all of it
+    assert ratios[-1] < 1.5
+    # more neighbours than sites: all of them, the network scale
+    all_sites = val.variance_ratio_at(target, sites, squared_error, np.ones(20), np.full(20, 1e6), neighbours=50)
+    assert all_sites[0] == pytest.approx(5.0, rel=1e-6)
+    # no model variance, or no error at all: ratio 1, never a division by zero
+    for error, variance in ((squared_error, np.zeros(20)), (np.zeros(20), np.ones(20))):
+        assert val.variance_ratio_at(target, sites, error, variance, np.full(20, 10), neighbours=2)[0] == 1.0
+
+
+def test_variance_ratio_is_local_when_the_ratio_varies_smoothly():
+    sites = np.column_stack([np.arange(40.0), np.zeros(40)])
+    squared_error = 1.0 + 8.0 * np.arange(40) / 39.0  # from 1 to 9 along the line
+    ratio = val.variance_ratio_at(np.array([[0.0, 0.0], [39.0, 0.0]]), sites, squared_error,
+                                  np.ones(40), np.full(40, 1e4), neighbours=5)
+    local = [squared_error[:5].mean(), squared_error[-5:].mean()]
+    np.testing.assert_allclose(ratio, local, rtol=5e-2)  # network-wide ratio: 5
+
+
+def test_variance_ratio_leans_on_the_network_when_site_ratios_scatter():
+    """Persistent site errors: ratios that jump from site to site are one draw per site."""
+    rng = np.random.default_rng(0)
+    sites = rng.uniform(0, 100, (60, 2))
+    model_variance = np.full(60, 100.0)
+    squared_error = model_variance * 2.0 * rng.chisquare(1, 60)  # one draw per site, mean ratio 2
+    ratio = val.variance_ratio_at(sites[:5] + 1.0, sites, squared_error, model_variance, np.full(60, 100))
+    pooled = squared_error.sum() / model_variance.sum()
+    local = [squared_error[np.argsort(np.linalg.norm(sites - t, axis=1))[:8]].sum() / 800.0 for t in sites[:5] + 1.0]
+    # much closer to the network-wide ratio than the raw neighbourhood ratios are
+    assert np.abs(ratio - pooled).mean() < 0.5 * np.abs(np.array(local) - pooled).mean()
 
 
 # ------------------------------------------------------------------ coverage by distance
