@@ -30,8 +30,10 @@ into labels.
 
 from __future__ import annotations
 
+import functools
 import sys
 import warnings
+from contextlib import nullcontext
 
 import numpy as np
 
@@ -86,6 +88,40 @@ AUTO_MAX_RANK = 20
 TAU1_CV_FACTORS = (0.01, 0.1, 1.0, 10.0, 100.0)
 
 
+#: Up to this many sites a fit or a kriging call runs its BLAS on one thread. Its
+#: matrices are then small (Gram matrices of a few hundred sites, K x K solves, batches
+#: of 30 x 30 systems): a second BLAS thread spins and synchronises more than it
+#: computes. Measured on the ozone hold-out (368 sites, 2 cores): 1.00 -> 0.47 CPU s
+#: for fit + krige, the same wall time.
+SINGLE_THREAD_MAX_SITES = 2000
+
+
+def _small_problems_single_threaded(function):
+    """Run ``function`` with one BLAS thread when its sites are few.
+
+    The number of sites is read from the first argument: ``data`` ``(T, N)`` of
+    :func:`fit`, or the :class:`FittedModel` of :func:`krige`. Without
+    ``threadpoolctl`` installed, BLAS keeps its own thread count.
+    """
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        first = args[0] if args else kwargs.get("data", kwargs.get("model"))
+        n_sites = first.n_sites if isinstance(first, FittedModel) else np.shape(first)[1]
+        with _blas_threads(1 if n_sites <= SINGLE_THREAD_MAX_SITES else None):
+            return function(*args, **kwargs)
+    return wrapper
+
+
+def _blas_threads(limit):
+    if limit is None:
+        return nullcontext()
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # optional: without it BLAS keeps its own thread count
+        return nullcontext()
+    return threadpool_limits(limits=limit, user_api="blas")
+
+
 # ---------------------------------------------------------------------------- fit
 
 
@@ -96,6 +132,7 @@ def nominal_rank(settings, n_times, n_sites):
     return settings.rank
 
 
+@_small_problems_single_threaded
 def fit(data, sites, settings, covariates=None, *, site_names=None):
     """Fit a spatial adapter on residuals ``(T, N)``.
 
@@ -440,6 +477,7 @@ def _trend_rows(covariates, theta, rows):
 # ---------------------------------------------------------------------------- krige
 
 
+@_small_problems_single_threaded
 def krige(model, observed, *, targets=None, covariates=None, target_covariates=None, level=0.9,
           include_noise=True, multiplier=None):
     """Krige residual fields with a fitted model.
