@@ -81,6 +81,10 @@ MIN_SUBSAMPLE_TIMES = 50
 #: Largest nominal rank tried by ``rank="auto"``.
 AUTO_MAX_RANK = 20
 
+#: Kept ranks scored past the best one (held-out CRPS) before the rank search stops
+#: (:func:`_stop_early`).
+SEARCH_PATIENCE = 3
+
 #: Multipliers of the largest eigenvalue of ``Dc^T Dc`` tried by ``tau1="cv"`` (plus 0).
 #: The penalty is normalised to a largest eigenvalue of 1 while smooth patterns have
 #: roughness far below 1, so the penalty starts to matter only near and above the
@@ -294,7 +298,7 @@ class _Run:
         blocks = time_blocks(data, s.cv_time_blocks or 1)
         folds = self.folds()
         everything = np.arange(n_sites)
-        totals = {}
+        totals, skipped = {}, set()
         for tau1 in tau1_grid:
             for number, block in enumerate(blocks):
                 if block is None:
@@ -312,17 +316,26 @@ class _Run:
                 times = evenly_spaced_times(target.shape[0], subsample_size(s.cv_max_times, n_sites))
                 reference = _fitted(core, covariance, None, self.sites, s)
                 extensions = [extend_to_held_out(reference, np.setdiff1d(everything, held), held) for held in folds]
-                for candidate in ranks:
-                    keep = covariance.effective_rank if candidate is None else min(candidate, covariance.effective_rank)
+                scored = {}  # kept rank -> (crps, rmse, coverage, count) in this block
+                for keep in _ranks_to_score(ranks, covariance.effective_rank):
                     self.report(f"cross-validation: tau1={tau1:.4g}, rank {keep}, time block "
                                 f"{number + 1}/{len(blocks)}")
                     eigenvalues = np.where(np.arange(rank) < keep, covariance.eigenvalues, 0.0)
                     fine = self.fine_scale(train_data, core, covariance, eigenvalues)
                     model = reference.replace(eigenvalues=eigenvalues, fine=fine)
                     cv = cross_validate_sites(model, target, folds, times=times, extensions=extensions)
-                    count = float(cv.count.sum())
+                    scored[keep] = (cv.crps, cv.rmse, cv.coverage, float(cv.count.sum()))
+                    if _stop_early(scored):
+                        break
+                for candidate in ranks:
+                    keep = covariance.effective_rank if candidate is None else min(candidate, covariance.effective_rank)
+                    if keep not in scored:
+                        skipped.add((tau1, candidate))  # beyond the early stop: not a choice
+                        continue
+                    crps, rmse, coverage, count = scored[keep]
                     total = totals.setdefault((tau1, candidate), np.zeros(5))
-                    total += (count * keep, count * cv.crps, count * cv.rmse**2, count * cv.coverage, count)
+                    total += (count * keep, count * crps, count * rmse**2, count * coverage, count)
+        totals = {key: total for key, total in totals.items() if key not in skipped}
         # rank column: the candidate, or the mean effective rank over the blocks
         records = np.array([(tau1, t[0] / t[4] if candidate is None else candidate, t[1] / t[4],
                              np.sqrt(t[2] / t[4]), t[3] / t[4]) for (tau1, candidate), t in totals.items()])
@@ -352,6 +365,26 @@ class _Run:
             distance_km=cv.distance_km, by_distance=coverage_by_distance(cv, ratios),
             crps=float(cv.crps), rmse=float(cv.rmse), coverage=float(cv.coverage),
         )
+
+
+def _ranks_to_score(ranks, effective_rank):
+    """Distinct kept ranks of the candidates, ascending: candidates above the effective
+    rank keep the same components and share one score."""
+    return sorted({effective_rank if candidate is None else min(candidate, effective_rank) for candidate in ranks})
+
+
+def _stop_early(scored, patience=None):
+    """Whether the last ``patience`` kept ranks all scored worse (CRPS) than an earlier one.
+
+    The held-out CRPS against the rank falls while components carry signal and rises
+    once they carry noise; candidates past a clear minimum are not scored. Those not
+    scored in every time block are not chosen.
+    """
+    patience = SEARCH_PATIENCE if patience is None else patience
+    crps = [value[0] for value in scored.values()]
+    if len(crps) <= patience:
+        return False
+    return min(crps[-patience:]) > min(crps[:-patience])
 
 
 def fit_covariance(data, core, gamma, seed, sites=None):
