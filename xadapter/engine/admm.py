@@ -77,10 +77,16 @@ iterations) passes.
 With no covariates and no missing entry the loop is skipped: ``Z = R`` and one exact
 Phi-step is the answer (``skipped_loop=True``, one history row).
 
-Per-window work (the fill, the Z-step, the U-step) touches row slices of the stored
-arrays only; the full-field work (the theta-step's ``X^T M y``, ``W`` and its column
-mean, the Phi-step) consists of sums and products over rows, so a chunked (dask)
-version can drive the same loop chunk by chunk.
+**Where the state lives.** Per-window work (the fill, the Z-step, the U-step) touches
+rows of the stored arrays only; the full-field work (the theta-step's ``X^T M y``,
+``W`` and its column mean, the Phi-step, the objective) consists of sums and products
+over rows. The state (``R`` filled, ``Z``, ``U``) is therefore kept in a store of time
+blocks (:mod:`xadapter.engine.store`): numpy data in memory as one block (the arrays
+themselves), dask data block by block on disk or on the workers of a
+``dask.distributed`` cluster, one block per time chunk. The windows are the same
+(``batch_size`` rows) whatever the blocks, so numpy and dask run the same iterations;
+a window spanning several blocks takes two passes over them (its ``m_B`` needs sums
+over all its rows first).
 """
 
 from __future__ import annotations
@@ -90,11 +96,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .basis import solve_basis, subspace_distance
+from .basis import LAZY_GRAM_MAX_SITES, DataOperator, solve_basis, subspace_distance
 from .checks import nonnegative as _nonnegative
 from .progress import progress_bar
 from .chunks import compute, is_lazy
-from ..exceptions import InputError, warn
+from .store import MemoryStore, open_store
+from ..exceptions import InputError, ProblemTooLargeError, warn
 from .trend import RidgeTrend, as_covariates
 
 HISTORY_KEYS = ("iteration", "primal_residual", "dual_residual", "basis_change", "objective")
@@ -266,100 +273,349 @@ class _Progress:
             self.bar.close()
 
 
+# --------------------------------------------------------------------------- block kernels
+#
+# The per-entry state lives in a store (:mod:`xadapter.engine.store`) in blocks of whole
+# times: ``data`` (the input), ``resid`` (R with its gaps filled), ``z``, ``u``, ``inc``
+# (the last dual increment, with momentum) and ``observed`` (with gaps). A kernel gets
+# one block (a dict of arrays), its global rows, and the small shared values; it updates
+# the block and returns small results that the driver sums over blocks.
+
+
+def _trend(covariates, theta, rows):
+    """``X theta`` on the global ``rows`` (0 without covariates)."""
+    if covariates is None:
+        return 0.0
+    return covariates.rows(rows).evaluate(theta)
+
+
+def _global(rows, local):
+    return slice(rows.start + local.start, rows.start + local.stop)
+
+
+def _k_mark_gaps(block, rows):
+    block["observed"] = ~np.isnan(block["data"])
+
+
+def _k_trend_start(block, rows, covariates):
+    """``X^T M X`` and ``X^T M y`` of the block (the initial theta-step)."""
+    observed = block.get("observed")
+    part = covariates.rows(rows)
+    return part.gram(observed), part.project(block["data"], observed)
+
+
+def _k_site_sums(block, rows, covariates, theta):
+    """Sums and counts of the observed ``R - X theta`` per site."""
+    z = block["data"] - _trend(covariates, theta, rows)
+    return np.nansum(z, axis=0), block["observed"].sum(axis=0)
+
+
+def _k_start(block, rows, covariates, theta, site_mean, momentum):
+    """``Z = R - X theta`` with gaps at the site means, ``R`` filled to match, ``U = 0``."""
+    data = block["data"]
+    mu = _trend(covariates, theta, rows)
+    z = data - mu
+    observed = block.get("observed")
+    if observed is not None:
+        missing = ~observed
+        resid = data.copy()
+        z[missing] = np.broadcast_to(site_mean, z.shape)[missing]
+        resid[missing] = (z + mu)[missing]
+    else:
+        resid = data  # nothing to fill: no copy
+    block.update(resid=resid, z=z, u=np.zeros_like(z))
+    if momentum > 0:
+        block["inc"] = np.zeros_like(z)
+    return z.sum(axis=0)
+
+
+def _k_spread(block, rows, z_mean):
+    """Squared deviations of ``Z`` from its column mean over the observed entries, and their count."""
+    centred = block["z"] - z_mean
+    observed = block.get("observed")
+    if observed is None:
+        return float(np.sum(centred**2)), centred.size
+    return float(np.sum(centred[observed] ** 2)), int(observed.sum())
+
+
+def _fill(block, rows, local, covariates, theta, w_mean, basis):
+    """EM fill of the missing entries of ``R`` on the block's rows ``local``: ``mu + m + (w - m) P``."""
+    observed = block.get("observed")
+    if observed is None:
+        return
+    missing = ~observed[local]
+    if not missing.any():
+        return
+    mu = _trend(covariates, theta, _global(rows, local))
+    resid = block["resid"][local]
+    centred = resid - mu - w_mean
+    recon = mu + w_mean + (centred @ basis) @ basis.T
+    resid[missing] = recon[missing]
+
+
+def _k_fill(block, rows, local, covariates, theta, w_mean, basis):
+    _fill(block, rows, local, covariates, theta, w_mean, basis)
+
+
+def _k_window_sums(block, rows, local, covariates, theta, w_mean, basis):
+    """Fill the window's gaps; column sums of ``Q = R - mu - U`` and of the old ``Z`` there."""
+    _fill(block, rows, local, covariates, theta, w_mean, basis)
+    mu = _trend(covariates, theta, _global(rows, local))
+    q = block["resid"][local] - mu - block["u"][local]
+    return q.sum(axis=0), block["z"][local].sum(axis=0)
+
+
+def _k_z_step(block, rows, local, covariates, theta, w_mean, basis, rho, momentum, mean, col_sum, n_times):
+    """Exact minimisation over the window's rows of the block, then the U-step.
+
+    ``mean`` is the window's ``m_B``; None when the window lies in this block, and then
+    the gaps are filled and ``m_B`` computed here (from ``col_sum``, the column sum of
+    ``Z`` over all times). Returns the squared primal and dual residuals, the squared
+    norm of ``R_B - mu_B`` about ``w_mean`` and the change of the column sum of ``Z``.
+    """
+    if mean is None:
+        _fill(block, rows, local, covariates, theta, w_mean, basis)
+    mu = _trend(covariates, theta, _global(rows, local))
+    target = block["resid"][local] - mu
+    u = block["u"]
+    q = target - u[local]
+    z_old = block["z"][local]
+    if mean is None:
+        outside = col_sum - z_old.sum(axis=0)
+        mean = ((2.0 + rho) * outside + rho * q.sum(axis=0)) / ((2.0 + rho) * n_times - 2.0 * z_old.shape[0])
+    centred = q - mean
+    z_new = mean + (rho / (rho + 2.0)) * centred + (2.0 / (rho + 2.0)) * ((centred @ basis) @ basis.T)
+    increment = z_new - target
+    dual_sq = rho**2 * float(np.sum((z_new - z_old) ** 2))
+    primal_sq = float(np.sum(increment**2))
+    if momentum > 0:
+        u[local] += increment + momentum * block["inc"][local]
+        block["inc"][local] = increment
+    else:
+        u[local] += increment
+    change = z_new.sum(axis=0) - z_old.sum(axis=0)
+    block["z"][local] = z_new
+    return primal_sq, dual_sq, float(np.sum((target - w_mean) ** 2)), change
+
+
+def _k_trend_target(block, rows, covariates):
+    """``X^T M (R - Z - U)`` of the block: the theta-step's right-hand side."""
+    return covariates.rows(rows).project(block["resid"] - block["z"] - block["u"], block.get("observed"))
+
+
+def _feasible_block(block, rows, covariates, theta):
+    """``W = R - X theta`` on the block's rows."""
+    return block["resid"] - _trend(covariates, theta, rows)
+
+
+def _k_feasible_sums(block, rows, covariates, theta, shift, gram, project):
+    """Column sums of ``W - shift``, their squares summed, ``(W - shift)^T (W - shift)``
+    (with ``gram``) and the next theta-step's ``X^T M (R - Z - U)`` (with ``project``)."""
+    w = _feasible_block(block, rows, covariates, theta) - shift
+    projection = _k_trend_target(block, rows, covariates) if project else None
+    return w.sum(axis=0), np.einsum("tn,tn->n", w, w), (w.T @ w if gram else None), projection
+
+
+def _k_times(block, rows, covariates, theta, mean, v):
+    return (_feasible_block(block, rows, covariates, theta) - mean) @ v
+
+
+def _k_rtimes(block, rows, w_rows, covariates, theta, mean):
+    return (_feasible_block(block, rows, covariates, theta) - mean).T @ w_rows
+
+
+def _k_gram_times(block, rows, covariates, theta, mean, v):
+    centred = _feasible_block(block, rows, covariates, theta) - mean
+    return centred.T @ (centred @ v)
+
+
+class _FeasibleBlocks(DataOperator):
+    """The centred feasible point ``Wc = R - X theta - 1 mean^T`` over a store of blocks.
+
+    Built with one pass over the blocks that gives the column mean and (up to
+    :data:`xadapter.engine.basis.LAZY_GRAM_MAX_SITES` sites) the Gram matrix; the basis
+    step then needs no further pass on the Gram path, and one pass per product above
+    it. Sums are accumulated about ``shift`` (the previous mean, close to the new one)
+    and corrected exactly, so that no precision is lost to large site levels.
+    """
+
+    lazy = True
+    center = True
+
+    def __init__(self, store, covariates, theta, shift, project=False):
+        self.store, self.covariates, self.theta = store, covariates, theta
+        self.n_times, self.n_sites = store.shape
+        want_gram = self.n_sites <= LAZY_GRAM_MAX_SITES
+        # the same pass gives the next theta-step's right-hand side (R, Z, U do not change
+        # between this pass and the next theta-step), saving a pass per iteration
+        sums, squares, gram, self.projection = store.reduce(
+            _k_feasible_sums, args=(covariates, theta, store.share(shift), want_gram, project),
+            reads=("resid",) + (("z", "u", "observed") if project else ()))
+        offset = sums / self.n_times
+        self.mean = shift + offset
+        # sum over times of (w - mean)^2 per site: the shifted sums less T offset^2
+        self.column_ss = np.maximum(squares - self.n_times * offset**2, 0.0)
+        self._gram = None
+        if want_gram:
+            gram -= self.n_times * np.outer(offset, offset)
+            self._gram = 0.5 * (gram + gram.T)
+
+    def _args(self):
+        return self.covariates, self.theta, self.store.share(self.mean)
+
+    def times(self, v):
+        parts = self.store.apply(_k_times, args=self._args() + (self.store.share(np.asarray(v)),),
+                                 reads=("resid",))
+        return np.concatenate(parts, axis=0)
+
+    def rtimes(self, w):
+        w = np.asarray(w)
+        return self.store.reduce(_k_rtimes, args=self._args(),
+                                 block_args=[(w[rows],) for rows in self.store.rows], reads=("resid",))
+
+    def gram_times(self, v):
+        if self._gram is not None:
+            return self._gram @ v
+        return self.store.reduce(_k_gram_times, args=self._args() + (self.store.share(np.asarray(v)),),
+                                 reads=("resid",))
+
+    def score_gram(self, q):
+        if self._gram is not None:
+            return q.T @ (self._gram @ q)
+        return super().score_gram(q)
+
+    def score_variance(self, q):
+        if self._gram is not None:
+            return np.einsum("nk,nk->k", q, self._gram @ q)
+        return super().score_variance(q)
+
+    def gram_space(self):
+        if self._gram is None:
+            raise ProblemTooLargeError(f"{self.n_sites} sites: the N x N Gram matrix of the stored field "
+                                       "is not formed; use the matrix-free basis step.")
+        return self._gram
+
+    def gram_time(self):
+        raise ProblemTooLargeError("the T x T Gram matrix of the stored field is not formed.")
+
+    def total(self):
+        """``||Wc||_F^2``."""
+        return float(np.sum(self.column_ss))
+
+
+def _minus_trend(resid, covariates, theta, block_info=None):
+    start, stop = block_info[0]["array-location"][0]
+    return resid - covariates.rows(slice(start, stop)).evaluate(theta)
+
+
 # --------------------------------------------------------------------------- the driver
 
 
 class _Driver:
-    """State of the ADMM: the filled residual ``R``, ``theta``, ``Z``, ``U`` and ``Phi``.
+    """The ADMM's state and steps over a store of time blocks.
 
     ``col_sum`` (N,) is the running column sum of ``Z`` (for the centred Z-step);
     ``w_mean`` (N,) the column mean of the feasible point ``W = R - X theta`` at the
     last full evaluation (for the EM fill).
     """
 
-    def __init__(self, data, observed, covariates, ridge, settings, init):
+    def __init__(self, store, any_missing, covariates, ridge, settings, init):
+        self.store = store
         self.settings = settings
-        self.observed = observed
-        self.n_times, self.n_sites = data.shape
+        self.n_times, self.n_sites = store.shape
         self.covariates = covariates
-        # The filled residual is a copy only when there is something to fill.
-        self.resid = data.copy() if observed is not None else data
+        self.shared_covariates = store.share(covariates)
+        self.any_missing = any_missing
+        self.theta = self.trend = None
+        self._projection = None
+        if any_missing:
+            store.apply(_k_mark_gaps, writes=("observed",), reads=("data",))
         if covariates is not None:
-            self.trend = RidgeTrend(covariates, ridge, observed)
-            self.theta = self.trend.solve(data)
-        else:
-            self.trend = self.theta = None
-        mu = self.trend_rows(slice(None))
-        self.z = data - mu
-        if observed is not None:
-            site_mean = np.nanmean(self.z, axis=0)
-            missing = ~observed
-            self.z[missing] = np.broadcast_to(site_mean, self.z.shape)[missing]
-            self.resid[missing] = (self.z + mu)[missing]
+            gram, projection = store.reduce(_k_trend_start, args=(self.shared_covariates,),
+                                            reads=("data", "observed"))
+            self.trend = RidgeTrend(covariates, ridge, gram=gram)
+            self.theta = self.trend.solve_projected(projection)
+        site_mean = None
+        if any_missing:
+            sums, counts = store.reduce(_k_site_sums, args=(self.shared_covariates, self.theta),
+                                        reads=("data", "observed"))
+            site_mean = sums / counts
+        self.col_sum = store.reduce(_k_start, args=(self.shared_covariates, self.theta, site_mean,
+                                                    settings.momentum),
+                                    writes=("resid", "z", "u") + (("inc",) if settings.momentum > 0 else ()),
+                                    reads=("data", "observed"))
         # the spread about each site's own level: the tolerances must not depend on how far
         # the site levels are from zero (a constant added to a site changes nothing else)
-        centred = self.z - self.z.mean(axis=0)
-        spread = float(np.sqrt(np.mean(centred[observed] ** 2 if observed is not None else centred**2)))
+        squares, count = store.reduce(_k_spread, args=(self.col_sum / self.n_times,), reads=("z", "observed"))
+        spread = float(np.sqrt(squares / count))
         self.scale = spread if spread > 0 else 1.0
-        self.u = np.zeros_like(self.z)
-        self.last_increment = np.zeros_like(self.z) if settings.momentum > 0 else None
-        self.col_sum = self.z.sum(axis=0)
         self.w_mean = self.col_sum / self.n_times
-        self.basis = settings.solve(self.z, init=init)
+        # at the start W = R - X theta is Z
+        start = store.array("z") if isinstance(store, MemoryStore) else \
+            _FeasibleBlocks(store, self.shared_covariates, self.theta, self.w_mean)
+        self.basis = settings.solve(start, init=init)
 
     # -- pieces of one iteration
-    def trend_rows(self, rows):
-        if self.covariates is None:
-            return 0.0
-        covariates = self.covariates if rows == slice(None) else self.covariates.rows(rows)
-        return covariates.evaluate(self.theta)
-
     def theta_step(self):
-        if self.trend is not None:
-            self.theta = self.trend.solve(self.resid - self.z - self.u)
+        if self.trend is not None and self._projection is not None:
+            self.theta = self.trend.solve_projected(self._projection)
+            self._projection = None
+        elif self.trend is not None:
+            projection = self.store.reduce(_k_trend_target, args=(self.shared_covariates,),
+                                           reads=("resid", "z", "u", "observed"))
+            self.theta = self.trend.solve_projected(projection)
 
-    def fill_missing(self, rows, mu):
-        """EM fill of the missing entries of ``R[rows]``: ``mu + m + (w - m) P``."""
-        if self.observed is None:
-            return
-        missing = ~self.observed[rows]
-        if not missing.any():
-            return
-        centred = self.resid[rows] - mu - self.w_mean
-        recon = mu + self.w_mean + (centred @ self.basis) @ self.basis.T
-        self.resid[rows][missing] = recon[missing]
-
-    def z_step(self, rows, mu):
-        """Exact minimisation over the rows of the window, then the U-step.
+    def z_step(self, window):
+        """Fill the window's gaps, minimise over its rows exactly, then the U-step.
 
         Returns the primal and dual residuals and the norm of ``R_B - mu_B`` about the
         site levels (the column mean of ``W``), the scale of the relative tolerance.
         """
-        rho = self.settings.rho
-        target = self.resid[rows] - mu
-        q = target - self.u[rows]
-        z_old = self.z[rows]
-        outside = self.col_sum - z_old.sum(axis=0)
-        mean = ((2.0 + rho) * outside + rho * q.sum(axis=0)) / ((2.0 + rho) * self.n_times - 2.0 * z_old.shape[0])
-        centred = q - mean
-        z_new = mean + (rho / (rho + 2.0)) * centred + (2.0 / (rho + 2.0)) * ((centred @ self.basis) @ self.basis.T)
-        increment = z_new - target
-        dual = rho * float(np.sqrt(np.sum((z_new - z_old) ** 2)))
-        primal = float(np.sqrt(np.sum(increment**2)))
-        if self.last_increment is not None:
-            self.u[rows] += increment + self.settings.momentum * self.last_increment[rows]
-            self.last_increment[rows] = increment
-        else:
-            self.u[rows] += increment
-        self.col_sum += z_new.sum(axis=0) - z_old.sum(axis=0)
-        self.z[rows] = z_new
-        return primal, dual, float(np.sqrt(np.sum((target - self.w_mean) ** 2)))
+        s, store = self.settings, self.store
+        pieces = list(store.overlapping(window))
+        basis = store.share(self.basis)
+        common = (self.shared_covariates, self.theta, self.w_mean, basis)
+        mean = None
+        if len(pieces) > 1:
+            # m_B needs sums over the whole window before any of its rows is updated
+            q_sum, z_sum = store.reduce(_k_window_sums, [i for i, _, _ in pieces], args=common,
+                                        block_args={i: (local,) for i, local, _ in pieces},
+                                        writes=("resid",), reads=("resid", "u", "z", "observed"))
+            size = window.stop - window.start
+            rho = s.rho
+            mean = ((2.0 + rho) * (self.col_sum - z_sum) + rho * q_sum) / ((2.0 + rho) * self.n_times - 2.0 * size)
+        primal_sq, dual_sq, norm_sq, change = store.reduce(
+            _k_z_step, [i for i, _, _ in pieces],
+            args=common + (s.rho, s.momentum, store.share(mean), store.share(self.col_sum), self.n_times),
+            block_args={i: (local,) for i, local, _ in pieces},
+            writes=("z", "u", "inc") + (("resid",) if mean is None else ()), reads=None)
+        self.col_sum = self.col_sum + change
+        return float(np.sqrt(primal_sq)), float(np.sqrt(dual_sq)), float(np.sqrt(norm_sq))
 
     def feasible(self):
-        """``W = R - X theta`` (T, N), the residual minus the current trend."""
-        w = self.resid - self.trend_rows(slice(None))
-        self.w_mean = w.mean(axis=0)
+        """``W = R - X theta`` (T, N), the residual minus the current trend; sets ``w_mean``.
+
+        numpy data: the array. Data in blocks: a :class:`_FeasibleBlocks` operator.
+        """
+        if isinstance(self.store, MemoryStore):
+            resid = self.store.array("resid")
+            w = resid if self.covariates is None else resid - self.covariates.evaluate(self.theta)
+            self.w_mean = w.mean(axis=0)
+            return w
+        w = _FeasibleBlocks(self.store, self.shared_covariates, self.theta, self.w_mean,
+                            project=self.trend is not None)
+        self.w_mean = w.mean
+        self._projection = w.projection
         return w
+
+    def filled(self):
+        """``W`` as one array: numpy, or a dask array over the blocks."""
+        resid = self.store.array("resid")
+        if self.covariates is None:
+            return resid
+        if is_lazy(resid):
+            return resid.map_blocks(_minus_trend, self.covariates, self.theta, dtype=np.float64)
+        return resid - self.covariates.evaluate(self.theta)
 
     def phi_step(self, w):
         new = self.settings.solve(w, init=self.basis)
@@ -369,18 +625,26 @@ class _Driver:
 
     def objective(self, w):
         """``||J W (I - P)||^2`` plus the penalties: the objective at the current iterate."""
+        if isinstance(w, _FeasibleBlocks):
+            explained = float(np.sum(self.basis * w.gram_times(self.basis)))
+            return w.total() - explained + self.settings.penalty(self.basis)
         centred = w - self.w_mean
         scores = centred @ self.basis
         return float(np.sum(centred**2) - np.sum(scores**2)) + self.settings.penalty(self.basis)
 
     # -- the final state
     def finish(self, refresh_basis):
-        if self.observed is not None:
-            mu = self.trend_rows(slice(None))
-            self.fill_missing(slice(None), mu)
-        filled = self.feasible()
-        basis = self.settings.solve(filled, init=self.basis) if refresh_basis else self.basis
-        return filled, basis
+        if self.any_missing:
+            store = self.store
+            basis = store.share(self.basis)
+            store.apply(_k_fill, args=(self.shared_covariates, self.theta, self.w_mean, basis),
+                        block_args=[(slice(0, rows.stop - rows.start),) for rows in store.rows],
+                        writes=("resid",), reads=("resid", "observed"))
+        feasible = self.feasible()
+        basis = self.settings.solve(feasible, init=self.basis) if refresh_basis else self.basis
+        if isinstance(feasible, _FeasibleBlocks):
+            return self.filled(), self.w_mean, feasible.times(basis), basis
+        return feasible, self.w_mean, (feasible - self.w_mean) @ basis, basis
 
 
 def _tolerance(settings, scale, size, data_norm):
@@ -389,7 +653,8 @@ def _tolerance(settings, scale, size, data_norm):
 
 def fit_adapter(data, rank, *, omega=None, tau1=0.0, tau2=0.0, covariates=None, ridge=1e-6, rho=1.0,
                 batch_size=None, phi_every=1, phi_freeze=None, momentum=0.0, min_iter=5, max_iter=200,
-                tol_abs=1e-6, tol_rel=1e-4, seed=0, method="auto", init=None, progress=None):
+                tol_abs=1e-6, tol_rel=1e-4, seed=0, method="auto", init=None, progress=None,
+                has_gaps=None, workspace=None):
     """Fit the spatial adapter: basis, scores, per-site mean and residual trend.
 
     Runs the three-block ADMM described in the module docstring.
@@ -440,6 +705,13 @@ def fit_adapter(data, rank, *, omega=None, tau1=0.0, tau2=0.0, covariates=None, 
         bar only when stderr is a terminal (:mod:`xadapter.engine.progress`). An int
         ``n``: a line on stderr every ``n`` iterations (for logs); a callable: called
         with the history record (a dict) of every iteration.
+    has_gaps : bool, optional
+        Whether any entry of a dask ``data`` is missing, when the caller knows
+        (saves one pass over the data); ignored for numpy data.
+    workspace : str, optional
+        Directory for the scratch files of dask ``data`` on a local scheduler (default:
+        dask's ``temporary-directory``, else the system's); see
+        :mod:`xadapter.engine.store`.
 
     Returns
     -------
@@ -461,11 +733,11 @@ def fit_adapter(data, rank, *, omega=None, tau1=0.0, tau2=0.0, covariates=None, 
         the last iterate; ``converged`` is False).
     """
     if is_lazy(data):
-        # dask data reach the loop only complete and without a trend (the pipeline loads
-        # the others): the exact path streams over the time chunks
-        observed = None
+        # the pipeline has checked the data (one pass); it says whether anything is missing
+        any_missing = bool(compute(np.isnan(data).any())[0]) if has_gaps is None else bool(has_gaps)
     else:
         data, observed = _check_data(data)
+        any_missing = observed is not None
     n_times, n_sites = data.shape
     if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or not 1 <= rank < n_sites:
         raise InputError(f"rank must be an integer with 1 <= rank < number of sites ({n_sites}), got {rank!r}.")
@@ -485,10 +757,10 @@ def fit_adapter(data, rank, *, omega=None, tau1=0.0, tau2=0.0, covariates=None, 
     if covariates is not None:
         covariates = as_covariates(covariates, n_times, n_sites)
 
-    if covariates is None and observed is None:
+    if covariates is None and not any_missing:
         return _exact_fit(data, settings, init)
 
-    driver = _Driver(data, observed, covariates, ridge, settings, init)
+    driver = _Driver(open_store(data, workspace), any_missing, covariates, ridge, settings, init)
     windows = _windows(n_times, batch_size)
     rng = np.random.default_rng(seed)
     sweep = max(len(windows), settings.phi_every)
@@ -503,9 +775,7 @@ def fit_adapter(data, rank, *, omega=None, tau1=0.0, tau2=0.0, covariates=None, 
             order = list(rng.permutation(len(windows))) if len(windows) > 1 else [0]
         rows = windows[order.pop(0)]
         driver.theta_step()
-        mu = driver.trend_rows(rows)
-        driver.fill_missing(rows, mu)
-        primal, dual, data_norm = driver.z_step(rows, mu)
+        primal, dual, data_norm = driver.z_step(rows)
         feasible = driver.feasible()
         change = driver.phi_step(feasible) if settings.phi_step_due(iteration) else 0.0
         record = {"iteration": iteration, "primal_residual": primal, "dual_residual": dual,
@@ -529,11 +799,10 @@ def fit_adapter(data, rank, *, omega=None, tau1=0.0, tau2=0.0, covariates=None, 
                       "(fit_adapter: max_iter, tol_rel, tol_abs); adapter.history shows the residuals "
                       "per iteration.", RuntimeWarning)
     frozen = settings.phi_freeze is not None and iteration > settings.phi_freeze
-    filled, basis = driver.finish(refresh_basis=not frozen)
-    mean = filled.mean(axis=0)
+    filled, mean, scores, basis = driver.finish(refresh_basis=not frozen)
     return AdapterFit(
         basis=basis,
-        scores=(filled - mean) @ basis,
+        scores=scores,
         mean=mean,
         filled=filled,
         trend_coef=None if driver.theta is None else np.array(driver.theta),

@@ -173,7 +173,30 @@ def subspace_distance(a, b):
 # --------------------------------------------------------------------------- the data operator
 
 
-class _CentredData:
+class DataOperator:
+    """The time-centred data ``Dc`` (T x N) as the basis step uses it.
+
+    :func:`solve_basis` takes an array, or an instance of a subclass (data kept
+    elsewhere, e.g. in the ADMM's store of time blocks) providing ``n_times``,
+    ``n_sites``, ``center``, ``mean`` (N,), ``lazy`` (passes over the data are costly:
+    the dual and the dense path beyond :data:`LAZY_GRAM_MAX_SITES` are not used) and
+    the products ``times(v) = Dc v``, ``rtimes(w) = Dc^T w``, ``gram_times(v) =
+    Dc^T (Dc v)``, ``gram_space() = Dc^T Dc`` and ``gram_time() = Dc Dc^T``.
+    """
+
+    lazy = False
+
+    def score_gram(self, q):
+        """``(Dc q)^T (Dc q)`` (k, k) for ``q`` (N, k)."""
+        scores = self.times(q)
+        return scores.T @ scores
+
+    def score_variance(self, q):
+        """``||Dc q_k||^2`` per column of ``q`` (N, k)."""
+        return np.sum(self.times(q) ** 2, axis=0)
+
+
+class _CentredData(DataOperator):
     """``Dc = D - 1 mean^T`` applied without forming it.
 
     ``Dc v = D v - 1 (mean^T v)`` and ``Dc^T w = D^T w - mean (1^T w)``.
@@ -181,6 +204,7 @@ class _CentredData:
 
     def __init__(self, data, center):
         self.data = data
+        self.lazy = is_lazy(data)
         self.n_times, self.n_sites = data.shape
         if center:
             self.mean = materialise(data.mean(axis=0))
@@ -470,8 +494,7 @@ def _top_block(objective, rank, init, tol, max_iter):
 def _rayleigh_ritz(objective, subspace):
     """Eigenvectors of ``A`` restricted to ``span(subspace)``, by decreasing eigenvalue."""
     q = _orthonormalise(subspace)
-    scores = objective.ops.times(q)
-    projected = scores.T @ scores
+    projected = objective.ops.score_gram(q)
     if objective.penalised:
         projected -= q.T @ objective.penalty(q)
     projected = 0.5 * (projected + projected.T)
@@ -659,8 +682,7 @@ def explained_variance(data, basis, center=True):
 
 def _canonical(objective, basis):
     """Order columns by decreasing ``||Dc phi||^2`` and make each largest entry positive."""
-    scores = objective.ops.times(basis)
-    variance = np.sum(scores * scores, axis=0)
+    variance = objective.ops.score_variance(basis)
     order = np.argsort(-variance, kind="stable")
     basis = basis[:, order]
     variance = variance[order]
@@ -680,9 +702,10 @@ def solve_basis(data, rank, *, omega=None, tau1=0.0, tau2=0.0, init=None, center
 
     Parameters
     ----------
-    data : array_like, shape (T, N)
+    data : array_like, shape (T, N), or DataOperator
         Residuals, time rows and space columns, no NaN. A dask array is used through
-        products and slices only.
+        products and slices only; a :class:`DataOperator` (already centred when its
+        ``center`` is True) through its products.
     rank : int
         Number of columns ``K``, ``1 <= K < N``.
     omega : ndarray or scipy.sparse matrix, shape (N, N), optional
@@ -755,8 +778,9 @@ def solve_basis(data, rank, *, omega=None, tau1=0.0, tau2=0.0, init=None, center
     ProblemTooLargeError
         ``method="dense"`` above :data:`DENSE_MAX_SITES` sites.
     """
-    data = _check_data(data)
-    n_times, n_sites = data.shape
+    if not isinstance(data, DataOperator):
+        data = _check_data(data)
+    n_times, n_sites = (data.n_times, data.n_sites) if isinstance(data, DataOperator) else data.shape
     if n_times < 2 and center:
         raise InputError(f"centring over time needs at least 2 time steps, got {n_times}.")
     rank = _check_rank(rank, n_sites)
@@ -773,7 +797,7 @@ def solve_basis(data, rank, *, omega=None, tau1=0.0, tau2=0.0, init=None, center
     if rho is not None and not nonnegative("rho", rho) > 0:
         raise InputError(f"rho must be positive, got {rho}.")
 
-    ops = _CentredData(data, center)
+    ops = data if isinstance(data, DataOperator) else _CentredData(data, center)
     objective = _Objective(ops, omega, tau1)
     dense = _use_dense(method, objective, n_sites)
 
@@ -810,7 +834,7 @@ def _admm_rho(objective, start, rho, from_eigenvectors):
     so the default has a margin of 4. Otherwise ``lambda_max(A)`` is estimated by a
     short Lanczos run started from the first column.
     """
-    variance = np.sum(objective.ops.times(start) ** 2, axis=0)
+    variance = objective.ops.score_variance(start)
     top = float(variance.max())
     if rho is None and from_eigenvectors:
         return _RHO_FACTOR * top if top > 0 else 1.0
@@ -836,7 +860,7 @@ def _use_dense(method, objective, n_sites):
         return True
     if method == "matrix-free":
         return False
-    if is_lazy(objective.ops.data):
+    if objective.ops.lazy:
         return n_sites <= LAZY_GRAM_MAX_SITES
     return n_sites <= AUTO_DENSE_MAX_SITES
 
@@ -844,7 +868,7 @@ def _use_dense(method, objective, n_sites):
 def _smooth_basis(objective, rank, init, method, dense, tol, max_iter):
     """Exact top eigenvectors of ``A`` (the ``tau2 = 0`` solution)."""
     ops = objective.ops
-    lazy = is_lazy(ops.data)
+    lazy = ops.lazy
     # the dual T x T Gram pairs every time chunk with every other: not on dask data
     dual = (not objective.penalised and ops.n_times < ops.n_sites and not lazy
             and rank <= ops.n_times - 1 - int(ops.center) and method != "dense")

@@ -227,12 +227,15 @@ class RidgeTrend:
         units squared times observed entries).
     mask : ndarray of bool, shape (T, N), optional
         Observed entries; None: every entry.
+    gram : ndarray, shape (p, p), optional
+        ``X^T M X`` when it was accumulated elsewhere (over blocks of times); then
+        ``mask`` is not used and targets come as projections (:meth:`solve_projected`).
     """
 
-    def __init__(self, covariates, ridge, mask=None):
+    def __init__(self, covariates, ridge, mask=None, gram=None):
         self.covariates = covariates
         self.mask = mask
-        gram = covariates.gram(mask)
+        gram = covariates.gram(mask) if gram is None else np.array(gram, dtype=np.float64)
         gram[np.diag_indices_from(gram)] += ridge
         try:
             self._factor = sla.cho_factor(gram, lower=True)
@@ -246,7 +249,11 @@ class RidgeTrend:
 
     def solve(self, target):
         """``theta`` (p,) for a ``(T, N)`` target (entries outside the mask ignored)."""
-        return sla.cho_solve(self._factor, self.covariates.project(target, self.mask))
+        return self.solve_projected(self.covariates.project(target, self.mask))
+
+    def solve_projected(self, projection):
+        """``theta`` (p,) for a target given by its projection ``X^T M y`` (p,)."""
+        return sla.cho_solve(self._factor, projection)
 
 
 def _check_target(target, covariates, mask):
