@@ -166,3 +166,40 @@ def test_complete_field_with_a_trend_fits_like_numpy(gappy_network):
     assert not eager.history.attrs["skipped_loop"]  # the trend runs the ADMM
     _assert_same_model(lazy, eager)
     np.testing.assert_allclose(lazy.trend_coefficients.values, eager.trend_coefficients.values, rtol=1e-8)
+
+
+class _LargestResult:
+    """A dask callback recording the largest result of any task (bytes)."""
+
+    def __init__(self):
+        from dask.callbacks import Callback
+
+        self.largest = 0
+        outer = self
+
+        class _Watch(Callback):
+            def _posttask(self, key, result, dsk, state, id):
+                outer.largest = max(outer.largest, getattr(result, "nbytes", 0))
+
+        self.callback = _Watch()
+
+
+def test_gappy_dask_fit_never_computes_the_whole_array(gappy_network):
+    """Gaps and a trend run the ADMM; its state stays in time blocks: no dask task returns
+    more than the bounded subsample of times the variogram reads, and the fit equals
+    the numpy one."""
+    from xadapter.engine.pipeline import FINE_MAX_TIMES
+
+    resid, covariates = gappy_network
+    long = xr.concat([resid] * 8, dim="time")
+    long["time"] = np.arange(long.sizes["time"])
+    long_covariates = xr.concat([covariates] * 8, dim="time").assign_coords(time=long["time"])
+    assert long.sizes["time"] > FINE_MAX_TIMES
+    eager = SpatialAdapter(rank=5, site_folds=None).fit(long, covariates=long_covariates)
+    watch = _LargestResult()
+    with dask.config.set(scheduler="threads"), watch.callback:
+        lazy = SpatialAdapter(rank=5, site_folds=None).fit(long.chunk({"time": 60}), covariates=long_covariates)
+    assert not eager.history.attrs["skipped_loop"]
+    assert 0 < watch.largest <= FINE_MAX_TIMES * long.sizes["station"] * 8 < long.size * 8
+    _assert_same_model(lazy, eager)
+    np.testing.assert_allclose(lazy.trend_coefficients.values, eager.trend_coefficients.values, rtol=1e-8)

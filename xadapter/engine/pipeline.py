@@ -17,8 +17,10 @@ The input is a numpy or dask array of shape ``(T, N)``, chunked along time only
 (sites whole in a chunk). Every statistic a step needs is a reduction over time (Gram
 or operator products, ``tr(S)``, ``Phi^T S Phi``, lag-1 products) or a computation on
 a bounded subsample of times (the variogram, the site cross-validation), so a dask
-array is never loaded whole on the paths that need no per-entry state (no gaps and
-no trend). With gaps or a trend the ADMM keeps per-entry state and the array is loaded.
+array is never loaded whole. With gaps or a trend the ADMM keeps per-entry state (the
+filled field, Z, U): in a store of time blocks, on disk or on the workers of a
+``dask.distributed`` cluster (:mod:`xadapter.engine.store`); the gap refill of the
+covariance step works time chunk by time chunk.
 
 :func:`krige` maps the Woodbury/fine-scale kriging over time chunks; on dask input its
 outputs are dask arrays chunked like the input.
@@ -44,7 +46,7 @@ from .covariance import low_rank_plus_noise
 from .extend import extend_basis
 from .finescale import FineScaleParams, fit_fine_scale, krige_with_fine_scale, median_spacing_km
 from .fitted import Calibration, FittedModel
-from .geometry import sphere_xyz
+from .draws import normal_draws, position_keys, site_keys
 from .kriging import KrigingResult
 from .kriging import krige as krige_low_rank
 from .penalty import build_penalty
@@ -165,12 +167,8 @@ def fit(data, sites, settings, covariates=None, *, site_names=None):
     missing = check_data(data, rank, site_names)
     if covariates is not None:
         covariates = as_covariates(covariates, n_times, n_sites)
-    if (missing or covariates is not None) and chunks.is_lazy(data):
-        # the ADMM runs (gaps to fill or a trend to fit): its per-entry state (the filled
-        # field, Z, U) lives in memory
-        data = chunks.materialise(data)
     omega = _penalty(sites, settings)
-    run = _Run(data, sites, settings, covariates, omega, rank)
+    run = _Run(data, sites, settings, covariates, omega, rank, missing)
     if settings.searching:
         core, covariance, fine, selection = run.search()
     else:
@@ -239,8 +237,9 @@ def _fitted(core, covariance, fine, sites, settings, selection=None, eigenvalues
 class _Run:
     """One fit's fixed inputs, so that the search can re-enter the same steps."""
 
-    def __init__(self, data, sites, settings, covariates, omega, rank):
+    def __init__(self, data, sites, settings, covariates, omega, rank, missing=None):
         self.data = data
+        self.missing = missing
         self.sites = sites
         self.settings = settings
         self.covariates = covariates
@@ -259,6 +258,8 @@ class _Run:
             rho=s.rho, batch_size=s.batch_size, phi_every=s.phi_every, phi_freeze=s.phi_freeze,
             momentum=s.momentum, min_iter=s.min_iter, max_iter=s.max_iter, tol_rel=s.tol, seed=s.seed,
             init=init, progress=s.progress,
+            # no gap anywhere means none in any subset of times; otherwise the ADMM looks
+            has_gaps=False if self.missing is False else None,
         )
 
     def covariance(self, data, core):
@@ -398,17 +399,21 @@ def fit_covariance(data, core, gamma, seed, sites=None):
     seeded) and the covariance re-estimated, until the effective rank settles.
     """
     covariance = low_rank_plus_noise(core.basis, core.filled, gamma=gamma)
-    missing = np.isnan(data)
-    if chunks.is_lazy(data) or not missing.any():
+    (any_missing,) = chunks.compute(np.isnan(data).any())
+    if not any_missing:
         return covariance
-    draws = site_draws(data.shape[0], sites, seed) if sites is not None else \
-        np.random.default_rng(seed).standard_normal(data.shape)
+    keys = site_keys(sites, seed) if sites is not None else position_keys(data.shape[1], seed)
     for _ in range(GAP_REFILL_ROUNDS):
         if covariance.effective_rank == 0:
             break
-        result = krige_low_rank(np.where(missing, np.nan, core.filled), covariance.loadings(core.basis),
-                                covariance.eigenvalues, covariance.noise_variance, mean=core.mean)
-        refilled = np.where(missing, result.mean + np.sqrt(result.variance) * draws, core.filled)
+        model = (covariance.loadings(core.basis), covariance.eigenvalues, covariance.noise_variance, core.mean, keys)
+        if chunks.is_lazy(data) or chunks.is_lazy(core.filled):
+            import dask.array as da
+
+            # time by time, so chunk by chunk: the draws depend on the time index, not the chunking
+            refilled = da.map_blocks(_refill_block, data, core.filled, *model, dtype=np.float64)
+        else:
+            refilled = _refill_block(data, core.filled, *model)
         updated = low_rank_plus_noise(core.basis, refilled, gamma=gamma)
         settled = updated.effective_rank == covariance.effective_rank
         covariance = updated
@@ -417,22 +422,18 @@ def fit_covariance(data, core, gamma, seed, sites=None):
     return covariance
 
 
-def site_draws(n_times, sites, seed):
-    """Standard normal draws ``(T, N)``, each site's column seeded by where the site is.
+def _refill_block(data, filled, loadings, eigenvalues, noise_variance, mean, keys, block_info=None):
+    """The gaps of a block of times refilled with draws from the kriging predictive distribution.
 
-    Seeding by position in the array would tie a site's draws to the order of the
-    sites: permuting the sites would hand other draws to the gaps and move the refilled
-    covariance. Seeding by the site's location (unit-sphere point for lat/lon, so the
-    longitude convention does not matter, or planar km) keeps the fit invariant.
+    The draws are keyed by where each site is (:mod:`xadapter.engine.draws`): keyed by
+    position, a permutation of the sites would hand other draws to the gaps and move
+    the refilled covariance.
     """
-    if sites.geographic:
-        points = sphere_xyz(sites.lat, sites.lon)
-        keys = np.round((points + 1.0) * 1e9).astype(np.int64)
-    else:
-        keys = np.round(np.asarray(sites.xy_km, dtype=np.float64) * 1e6).astype(np.int64)
-        keys -= min(int(keys.min()), 0)
-    return np.column_stack([np.random.default_rng([int(seed), *map(int, key)]).standard_normal(n_times)
-                            for key in keys])
+    start = 0 if block_info is None else block_info[0]["array-location"][0][0]
+    missing = np.isnan(data)
+    result = krige_low_rank(np.where(missing, np.nan, filled), loadings, eigenvalues, noise_variance, mean=mean)
+    draws = normal_draws(keys, start, start + data.shape[0])
+    return np.where(missing, result.mean + np.sqrt(result.variance) * draws, filled)
 
 
 def fit_fine_scale_of(data, core, covariance, sites, kind, *, seed=0, eigenvalues=None):
