@@ -203,3 +203,16 @@ def test_gappy_dask_fit_never_computes_the_whole_array(gappy_network):
     assert 0 < watch.largest <= FINE_MAX_TIMES * long.sizes["station"] * 8 < long.size * 8
     _assert_same_model(lazy, eager)
     np.testing.assert_allclose(lazy.trend_coefficients.values, eager.trend_coefficients.values, rtol=1e-8)
+
+
+def test_mini_batches_of_time_chunks_equal_numpy_windows_of_the_same_rows(gappy_network):
+    resid, covariates = gappy_network
+    train = resid.isel(time=slice(0, 60))
+    eager = SpatialAdapter(rank=4, site_folds=None, fine_scale=None, batch_size=15, tol=1e-6).fit(train)
+    with dask.config.set(scheduler="threads"):
+        lazy = SpatialAdapter(rank=4, site_folds=None, fine_scale=None, batch_size="chunks",
+                              tol=1e-6).fit(train.chunk({"time": 15}))
+    assert lazy.history.sizes["iteration"] == eager.history.sizes["iteration"] > 4
+    _assert_same_model(lazy, eager)
+    with pytest.raises(Exception, match="batch_size"):
+        SpatialAdapter(batch_size="rows").fit(train)

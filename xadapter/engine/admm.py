@@ -679,8 +679,10 @@ def fit_adapter(data, rank, *, omega=None, tau1=0.0, tau2=0.0, covariates=None, 
         Ridge weight of the theta-step (added to ``X^T M X``).
     rho : float, default 1.0
         ADMM penalty, dimensionless (see "Units" in the module docstring).
-    batch_size : int, optional
-        Rows per window (contiguous times); None: all times in every iteration.
+    batch_size : int or "chunks", optional
+        Rows per window (contiguous times); None: all times in every iteration;
+        ``"chunks"``: the time chunks of dask ``data`` (all times for numpy data), so
+        that each Z-step reads and writes one block of the state.
     phi_every : int, default 1
         Run the Phi-step every ``phi_every`` iterations.
     phi_freeze : int, optional
@@ -751,7 +753,8 @@ def fit_adapter(data, rank, *, omega=None, tau1=0.0, tau2=0.0, covariates=None, 
         max_iter=_positive_int("max_iter", max_iter),
         tol_abs=_nonnegative("tol_abs", tol_abs), tol_rel=_nonnegative("tol_rel", tol_rel),
     )
-    batch_size = _positive_int("batch_size", batch_size, allow_none=True)
+    if batch_size != "chunks":
+        batch_size = _positive_int("batch_size", batch_size, allow_none=True)
     ridge = _nonnegative("ridge", ridge)
     report = _Progress(progress, settings.max_iter)
     if covariates is not None:
@@ -760,8 +763,9 @@ def fit_adapter(data, rank, *, omega=None, tau1=0.0, tau2=0.0, covariates=None, 
     if covariates is None and not any_missing:
         return _exact_fit(data, settings, init)
 
-    driver = _Driver(open_store(data, workspace), any_missing, covariates, ridge, settings, init)
-    windows = _windows(n_times, batch_size)
+    store = open_store(data, workspace)
+    driver = _Driver(store, any_missing, covariates, ridge, settings, init)
+    windows = list(store.rows) if batch_size == "chunks" else _windows(n_times, batch_size)
     rng = np.random.default_rng(seed)
     sweep = max(len(windows), settings.phi_every)
     basis_tol = settings.tol_abs + settings.tol_rel * np.sqrt(settings.rank)

@@ -58,7 +58,7 @@ class Settings:
     fine_scale: str | None = "exponential"
     ridge: float = 1e-6
     rho: float = 1.0
-    batch_size: int | None = None
+    batch_size: int | str | None = None
     phi_every: int = 1
     phi_freeze: int | None = None
     momentum: float = 0.0
@@ -97,7 +97,8 @@ class Settings:
         _choice("fine_scale", self.fine_scale, FINE_SCALE_KINDS)
         fix(self, "ridge", nonnegative("ridge", self.ridge))
         fix(self, "rho", nonnegative("rho", self.rho, strict=True))
-        fix(self, "batch_size", _integer("batch_size", self.batch_size, 1, allow_none=True))
+        if self.batch_size != "chunks":
+            fix(self, "batch_size", _integer("batch_size (or 'chunks')", self.batch_size, 1, allow_none=True))
         fix(self, "phi_every", _integer("phi_every", self.phi_every, 1))
         fix(self, "phi_freeze", _integer("phi_freeze", self.phi_freeze, 0, allow_none=True))
         fix(self, "momentum", nonnegative("momentum", self.momentum, below=1.0))
