@@ -118,7 +118,7 @@ def test_adapter_improves_brier_and_calibration_over_the_first_stage(patch_case)
     assert np.all(kriged["probability"].values <= kriged["upper"].values)
     # the latent mean is the first-stage logit plus the kriged working residual
     residual = adapter.residual(test["y"].where(seen), test["p"])
-    latent = adapter.krige(residual, include_noise=False, _binary=False)
+    latent = adapter._krige_residuals(residual, None, 0.9, False, None, None, None)  # the Gaussian path
     np.testing.assert_allclose(kriged["mean"].values, latent["mean"].values + logit(test["p"].values), atol=1e-10)
     np.testing.assert_allclose(kriged["variance"].values, latent["variance"].values)
 

@@ -398,8 +398,42 @@ def low_rank_plus_noise(
         scores = centred @ basis if whitening is None else centred @ (basis @ whitening)
         data_autocovariance = None
         total = np.vdot(centred, centred)
-    total_variance = float(total) / n_times
-    sample_eigenvalues, rotation = _projected_spectrum(scores, n_times)
+    if data_autocovariance is None and gamma is None and n_eff is None and estimate_n_eff:
+        data_autocovariance = _pooled_autocovariance(centred, 1)
+    return spectral_rule(scores.T @ scores / n_times, float(total) / n_times, n_sites, n_times, scores=scores,
+                         gamma=gamma, center=center, n_eff=n_eff, tw_units=tw_units,
+                         estimate_n_eff=estimate_n_eff, data_autocovariance=data_autocovariance,
+                         whitening=whitening)
+
+
+def spectral_rule(projected, total_variance, n_sites, n_times, *, scores=None, gamma=None, center=True,
+                  n_eff=None, tw_units=DEFAULT_TW_UNITS, estimate_n_eff=True, data_autocovariance=None,
+                  whitening=None):
+    """The low-rank-plus-noise covariance from its moments: the rank rules of the module docstring.
+
+    Parameters
+    ----------
+    projected : ndarray, shape (K, K)
+        ``Phi^T S Phi``, the sample covariance projected on the (orthonormalised) basis.
+    total_variance : float
+        ``tr(S)``.
+    n_sites, n_times : int
+    scores : ndarray, shape (T, K), optional
+        Centred data times the basis (times ``whitening``); needed to estimate
+        ``n_eff`` from the components' autocorrelation.
+    gamma, center, n_eff, tw_units, estimate_n_eff
+        As :func:`low_rank_plus_noise`.
+    data_autocovariance : ndarray, shape (2,), optional
+        ``[sum_t |x_t|^2, sum_t x_t . x_{t-1}]`` of the centred field, pooled over sites;
+        needed when ``n_eff`` is estimated.
+    whitening : ndarray, shape (K, K), optional
+        ``G^{-1/2}`` of a basis orthonormal only to rounding (see :func:`low_rank_plus_noise`).
+
+    Returns
+    -------
+    LowRankCovariance
+    """
+    sample_eigenvalues, rotation = _spectrum(projected)
     if whitening is not None:
         # B = Phi G^{-1/2} V: exactly orthonormal loadings from the basis as given
         rotation = whitening @ rotation
@@ -426,8 +460,6 @@ def low_rank_plus_noise(
         rank, edge = _calibrated_rank(sample_eigenvalues, total_variance, n_sites, n_dof,
                                       n_eff * n_dof / n_times, tw_units)
     else:
-        if data_autocovariance is None:
-            data_autocovariance = _pooled_autocovariance(centred, 1)
         rank, edge, n_eff = _calibrated_rank_with_n_eff(
             sample_eigenvalues, total_variance, n_sites, n_dof, tw_units,
             data_autocovariance, scores @ rotation, center, n_times,
@@ -537,9 +569,8 @@ def _n_eff_from_autocovariance(autocovariance, n_times, centred):
 # --- spectrum and results ----------------------------------------------------------------
 
 
-def _projected_spectrum(scores, n_times):
-    """Decreasing eigenvalues and sign-fixed eigenvectors of ``scores^T scores / T``."""
-    gram = scores.T @ scores / n_times
+def _spectrum(gram):
+    """Decreasing eigenvalues and sign-fixed eigenvectors of a symmetric ``gram`` (K, K)."""
     values, vectors = np.linalg.eigh((gram + gram.T) / 2.0)
     order = np.argsort(values)[::-1]
     values, vectors = values[order], vectors[:, order]

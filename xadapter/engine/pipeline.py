@@ -167,7 +167,7 @@ def fit(data, sites, settings, covariates=None, *, site_names=None):
     missing = check_data(data, rank, site_names)
     if covariates is not None:
         covariates = as_covariates(covariates, n_times, n_sites)
-    omega = _penalty(sites, settings)
+    omega = smoothness_penalty(sites, settings)
     run = _Run(data, sites, settings, covariates, omega, rank, missing)
     if settings.searching:
         core, covariance, fine, selection = run.search()
@@ -206,7 +206,8 @@ def _plain(value):
     return value.item() if hasattr(value, "item") else value
 
 
-def _penalty(sites, settings):
+def smoothness_penalty(sites, settings):
+    """The smoothness penalty ``Omega`` (N, N, sparse or dense) the settings ask for; None when tau1 is 0."""
     if settings.tau1 != "cv" and float(settings.tau1) == 0.0:
         return None
     kind = settings.penalty

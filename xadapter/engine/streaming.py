@@ -238,28 +238,11 @@ def covariance_from_statistics(basis, centred_gram, stats, scores, gamma=None,
         ``low_rank_noise_variance``, ``n_eff`` (fields of a FittedModel).
     """
     n_times, n_sites = stats.n_times, stats.n_sites
-    projected = basis.T @ centred_gram @ basis / n_times
-    values, vectors = np.linalg.eigh(0.5 * (projected + projected.T))
-    order = np.argsort(values)[::-1]
-    values, vectors = values[order], vectors[:, order]
-    pivot = np.argmax(np.abs(vectors), axis=0)
-    signs = np.sign(vectors[pivot, np.arange(vectors.shape[1])])
-    signs[signs == 0] = 1.0
-    rotation = vectors * signs
-    total_variance = float(np.trace(centred_gram)) / n_times
-    signal = values > cov.ROUNDING_FLOOR * total_variance
-    noise_floor = max(cov.NOISE_FLOOR * total_variance / n_sites, np.finfo(np.float64).tiny)
-    if gamma is not None:
-        noise = max(cov._spatpca_noise_variance(values, total_variance, n_sites, gamma), noise_floor)
-        eigenvalues = np.where(signal, np.maximum(values - noise - gamma, 0.0), 0.0)
-        n_eff = None
-    else:
-        autocovariance = np.array([float(np.trace(centred_gram)), stats.centred_lag_one()])
-        rank, _, n_eff = cov._calibrated_rank_with_n_eff(values, total_variance, n_sites, n_times - 1, tw_units,
-                                                         autocovariance, scores @ rotation, True, n_times)
-        noise = max(cov._trailing_noise_variance(values, total_variance, n_sites, rank), noise_floor)
-        eigenvalues = np.zeros_like(values)
-        eigenvalues[:rank] = np.maximum(values[:rank] - noise, 0.0)
-        n_eff = float(n_eff)
-    return {"rotation": rotation, "eigenvalues": eigenvalues, "sample_eigenvalues": values,
-            "low_rank_noise_variance": float(noise), "n_eff": n_eff}
+    total = float(np.trace(centred_gram))
+    covariance = cov.spectral_rule(
+        basis.T @ centred_gram @ basis / n_times, total / n_times, n_sites, n_times, scores=scores, gamma=gamma,
+        tw_units=tw_units, data_autocovariance=np.array([total, stats.centred_lag_one()]))
+    return {"rotation": np.array(covariance.rotation), "eigenvalues": np.array(covariance.eigenvalues),
+            "sample_eigenvalues": np.array(covariance.sample_eigenvalues),
+            "low_rank_noise_variance": covariance.noise_variance,
+            "n_eff": None if covariance.n_eff is None else float(covariance.n_eff)}

@@ -449,7 +449,7 @@ class SpatialAdapter:
 
     # ------------------------------------------------------------------ kriging
     def krige(self, observed, at=None, level=0.9, include_noise=True, calibrate=None, covariates=None,
-              first_stage=None, prediction=None, *, _binary=True):
+              first_stage=None, prediction=None):
         """Krige the residual at unobserved sites.
 
         Parameters
@@ -490,8 +490,12 @@ class SpatialAdapter:
             ``probability`` (the logistic-normal mean) and ``lower``/``upper`` the
             logistic-normal interval ``[sigmoid(m - q s), sigmoid(m + q s)]``.
         """
-        if self.task == "binary" and _binary:
+        if self.task == "binary":
             return self._krige_binary(_as_dataarray(observed, "observed"), at, level, first_stage, prediction)
+        return self._krige_residuals(observed, at, level, include_noise, calibrate, covariates, first_stage)
+
+    def _krige_residuals(self, observed, at, level, include_noise, calibrate, covariates, first_stage):
+        """:meth:`krige` of residuals (the Gaussian path; binary labels arrive here as residuals)."""
         fitted = self.fitted
         observed = _as_dataarray(observed, "observed")
         time_dim, site_dim = self._time_dim, self._site_dim
@@ -738,7 +742,7 @@ class SpatialAdapter:
         if not (np.all(new_times[1:] > new_times[:-1]) and new_times[0] > old_times[-1]):
             raise InputError(f"new residuals must have increasing times after the last fitted time "
                              f"({_plain_label(old_times[-1])}).")
-        omega = pipeline._penalty(fitted.sites, settings) if float(settings.tau1) else None
+        omega = pipeline.smoothness_penalty(fitted.sites, settings) if float(settings.tau1) else None
         updated = streaming.update(fitted, data, settings, omega)
         state = self.state
         site_coords = {k: (site_dim, v.values, v.attrs) for k, v in state[site_dim].coords.items()
@@ -789,7 +793,7 @@ class SpatialAdapter:
                                  "sites, over the times of observed) as well as first_stage at the targets.")
             prediction = first_stage
         residuals = self.residual(observed, _as_dataarray(prediction, "prediction").broadcast_like(observed))
-        latent = self.krige(residuals, at=at, level=level, include_noise=False, _binary=False)
+        latent = self._krige_residuals(residuals, at, level, False, None, None, None)
         eta = xr.DataArray(binary_engine.first_stage_logit(first_stage.values, settings.prediction_scale,
                                                            settings.binary_clip),
                            dims=first_stage.dims, coords=first_stage.coords)
