@@ -41,6 +41,7 @@ Run by hand::
 
     python benchmarks/bench_dense.py                      # N = 500, 2000; T = 1000
     python benchmarks/bench_dense.py --sizes 500,2000,5000 # the N = 5000 reference takes long
+    python benchmarks/bench_dense.py --blas-threads 1      # steadier CPU times on a busy machine
     python benchmarks/bench_dense.py --smoke              # N = 120, T = 100, in process
 """
 
@@ -270,7 +271,7 @@ def measure_one(side, n_sites, n_times, out):
                       "fit_memory": fit_memory, "krige_memory": krige_memory}))
 
 
-def run_in_process(side, n_sites, n_times, workdir):
+def run_in_process(side, n_sites, n_times, workdir, blas_threads=None):
     """:func:`measure_one` in this process (faster; memory peaks less exact)."""
     out = os.path.join(workdir, f"{side}-{n_sites}.npz")
     import contextlib
@@ -284,12 +285,20 @@ def run_in_process(side, n_sites, n_times, workdir):
     return result
 
 
-def run_child(side, n_sites, n_times, workdir):
+def blas_env(threads):
+    """Environment pinning the BLAS thread pools of a child process (None: inherit)."""
+    if threads is None:
+        return {}
+    return {name: str(threads) for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+
+
+def run_child(side, n_sites, n_times, workdir, blas_threads=None):
     """:func:`measure_one` in a fresh process; its numbers and answers."""
     out = os.path.join(workdir, f"{side}-{n_sites}.npz")
     command = [sys.executable, os.path.abspath(__file__), "--measure-one", side, "--sizes", str(n_sites),
                "--times", str(n_times), "--out", out]
-    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **MEASURE_ENV},
+    done = subprocess.run(command, capture_output=True, text=True,
+                          env={**os.environ, **MEASURE_ENV, **blas_env(blas_threads)},
                           cwd=os.path.dirname(os.path.abspath(__file__)))
     if done.returncode != 0:
         raise RuntimeError(f"{side} at N = {n_sites} failed:\n{done.stderr[-3000:]}")
@@ -363,6 +372,9 @@ def main(argv=None):
     parser.add_argument("--times", type=int, default=1000, help="training time steps T (default 1000)")
     parser.add_argument("--in-process", action="store_true",
                         help="run both sides in this process (faster, memory peaks less exact)")
+    parser.add_argument("--blas-threads", type=int, default=None,
+                        help="BLAS threads of both sides' processes (default: inherited); 1 keeps CPU time "
+                             "free of idle-spinning threads on a busy machine")
     parser.add_argument("--smoke", action="store_true", help="N = 120, T = 100, in process: a check that it runs")
     parser.add_argument("--measure-one", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -378,10 +390,12 @@ def main(argv=None):
     results = {}
     with tempfile.TemporaryDirectory() as workdir:
         for n_sites in sizes:
-            results[n_sites] = (run("ours", n_sites, args.times, workdir), run("dense", n_sites, args.times, workdir))
+            results[n_sites] = tuple(run(side, n_sites, args.times, workdir, args.blas_threads)
+                                     for side in ("ours", "dense"))
     print(f"\ndense textbook reference vs ours: T = {args.times}, rank {RANK}, tau1 = {TAU1_FRACTION:g} x T x "
           f"max score variance, trend on {TREND.size} covariates, gamma = 0, white noise; kriging "
-          f"{KRIGE_TIMES} times with {HIDDEN_SHARE:.0%} of the sites hidden (own pattern each); one run each\n")
+          f"{KRIGE_TIMES} times with {HIDDEN_SHARE:.0%} of the sites hidden (own pattern each); one run each; "
+          f"BLAS threads {args.blas_threads or 'inherited'}\n")
     for table in tables(results):
         print(table)
         print()
