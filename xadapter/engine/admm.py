@@ -99,7 +99,7 @@ import numpy as np
 from .basis import LAZY_GRAM_MAX_SITES, DataOperator, solve_basis, subspace_distance
 from .checks import nonnegative as _nonnegative
 from .progress import progress_bar
-from .chunks import compute, is_lazy
+from .chunks import centred_moments, compute, is_lazy
 from .store import MemoryStore, open_store
 from ..exceptions import InputError, ProblemTooLargeError, warn
 from .trend import RidgeTrend, as_covariates
@@ -828,12 +828,12 @@ def _exact_fit(data, settings, init):
     basis = settings.solve(data, init=init)
     # the mean first: a graph that needs it and then every chunk again would hold all chunks
     (mean,) = compute(data.mean(axis=0))
-    centred = data - mean
-    scores, total = compute(centred @ basis, np.sum(centred**2))
+    scores, total, _, _ = centred_moments(data, mean, basis)
     objective = float(total - np.sum(scores**2)) + settings.penalty(basis)
     history = {"iteration": np.array([0], dtype=np.int64), "primal_residual": np.zeros(1),
                "dual_residual": np.zeros(1), "basis_change": np.zeros(1), "objective": np.array([objective])}
-    filled = data if is_lazy(data) else np.array(data, dtype=np.float64)
+    # no copy: nothing downstream writes to the filled field
+    filled = data if is_lazy(data) else np.asarray(data, dtype=np.float64)
     return AdapterFit(basis=basis, scores=scores, mean=mean, filled=filled,
                       trend_coef=None, history=history, converged=True, n_iter=0, skipped_loop=True,
                       rho=settings.rho)

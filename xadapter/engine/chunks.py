@@ -113,3 +113,43 @@ def top_singular_value(centred):
     operator = spla.LinearOperator((n_sites, n_sites), matvec=gram, dtype=np.float64)
     top = spla.eigsh(operator, k=1, which="LA", tol=1e-6, return_eigenvectors=False)[0]
     return float(np.sqrt(max(top, 0.0)))
+
+
+#: Entries of the row blocks in which numpy data are centred (32 MB of float64): no
+#: centred copy of the whole field is made.
+BLOCK_ENTRIES = 4_000_000
+
+
+def centred_moments(data, mean, basis):
+    """``Dc @ basis``, ``||Dc||_F^2``, ``sum_t <dc_t, dc_{t-1}>`` of ``Dc = data - mean``, finiteness.
+
+    numpy: in blocks of rows (never a centred copy of the whole field); dask: one pass
+    over the time chunks.
+
+    Returns
+    -------
+    scores : ndarray, shape (T, K)
+    total, lag_one : float
+    finite : bool
+        Whether every entry of ``data`` is finite.
+    """
+    if is_lazy(data):
+        centred = data - mean
+        scores, total, lag_one, finite = compute(centred @ basis, (centred**2).sum(),
+                                                 (centred[1:] * centred[:-1]).sum(), np.isfinite(data).all())
+        return scores, float(total), float(lag_one), bool(finite)
+    n_times, n_sites = data.shape
+    step = max(2, BLOCK_ENTRIES // max(n_sites, 1))
+    scores = np.empty((n_times, basis.shape[1]))
+    total = lag_one = 0.0
+    previous = None
+    finite = True
+    for start in range(0, n_times, step):
+        block = data[start:start + step] - mean
+        scores[start:start + step] = block @ basis
+        total += float(np.vdot(block, block))
+        if previous is not None:
+            lag_one += float(np.vdot(block[0], previous))
+        lag_one += float(np.vdot(block[1:], block[:-1]))
+        previous = block[-1].copy()
+    return scores, total, lag_one, finite and bool(np.isfinite(total))

@@ -81,7 +81,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .checks import nonnegative
-from .chunks import compute, is_lazy
+from .chunks import centred_moments, compute, is_lazy
 from ..exceptions import InputError, ProblemTooLargeError
 
 #: Default number of Tracy-Widom scale units added to the Johnstone centring.
@@ -383,23 +383,12 @@ def low_rank_plus_noise(
     if not np.isfinite(tw_units):
         raise InputError(f"tw_units must be a finite number, got {tw_units!r}.")
 
-    if is_lazy(data):
-        # the mean first: a graph that needs it and then every chunk again would hold all chunks
-        centred = data - compute(data.mean(axis=0))[0] if center else data
-        # one pass over the time chunks: scores, tr(S) and the lag-1 product
-        scores, total, lag_one, finite = compute(
-            centred @ basis, (centred**2).sum(), (centred[1:] * centred[:-1]).sum(), np.isfinite(data).all())
-        if whitening is not None:
-            scores = scores @ whitening
-        _check_finite(bool(finite))
-        data_autocovariance = np.array([float(total), float(lag_one)])
-    else:
-        centred = data - data.mean(axis=0) if center else data
-        scores = centred @ basis if whitening is None else centred @ (basis @ whitening)
-        data_autocovariance = None
-        total = np.vdot(centred, centred)
-    if data_autocovariance is None and gamma is None and n_eff is None and estimate_n_eff:
-        data_autocovariance = _pooled_autocovariance(centred, 1)
+    # the mean first: a graph that needs it and then every chunk again would hold all chunks
+    (mean,) = compute(data.mean(axis=0)) if center else (np.zeros(n_sites),)
+    # one pass (blocks of rows, or the time chunks): scores, tr(S) and the lag-1 product
+    scores, total, lag_one, finite = centred_moments(data, mean, basis if whitening is None else basis @ whitening)
+    _check_finite(finite)
+    data_autocovariance = np.array([total, lag_one])
     return spectral_rule(scores.T @ scores / n_times, float(total) / n_times, n_sites, n_times, scores=scores,
                          gamma=gamma, center=center, n_eff=n_eff, tw_units=tw_units,
                          estimate_n_eff=estimate_n_eff, data_autocovariance=data_autocovariance,
