@@ -176,9 +176,6 @@ def test_validation_errors():
     duplicated[5] = duplicated[2]
     with pytest.raises(DuplicateSiteError):
         extend.thin_plate_extend(new, duplicated, values)
-    collinear = np.column_stack([np.arange(10.0), 2 * np.arange(10.0)])
-    with pytest.raises(InputError, match="lower-dimensional"):
-        extend.thin_plate_extend(new, collinear, np.ones(10))
     with pytest.raises(InputError, match="smoothing"):
         extend.local_extend(new, coords, values, smoothing=-1.0)
     with pytest.raises(InputError, match="neighbors"):
@@ -199,3 +196,22 @@ def test_inputs_not_modified_and_vector_shapes():
     for original, kept in zip((coords, values, new), copies):
         np.testing.assert_array_equal(original, kept)
     assert extend.local_extend(np.empty((0, 2)), coords, values).shape == (0,)
+
+
+def test_sites_on_a_line_extend_along_it():
+    """A transect in 2-D: the spline lives on the line (a 1-D spline along it), and a new
+    site takes the value at its projection onto the line."""
+    rng = np.random.default_rng(2)
+    along = np.sort(rng.uniform(0.0, 100.0, 15))
+    direction = np.array([0.6, 0.8])
+    collinear = 5.0 + along[:, None] * direction
+    values = np.column_stack([np.sin(along / 20.0), along**2 / 1e3])
+    new_along = np.array([3.0, 41.5, 77.0])
+    offset = np.array([-0.8, 0.6]) * np.array([[0.0], [12.0], [-7.0]])  # perpendicular shifts
+    new = 5.0 + new_along[:, None] * direction + offset
+    on_line = extend.thin_plate_extend(new, collinear, values)
+    one_d = extend.thin_plate_extend((new_along - along.mean())[:, None], (along - along.mean())[:, None], values)
+    np.testing.assert_allclose(on_line, one_d, rtol=1e-9, atol=1e-12)
+    local = extend.local_extend(new, collinear, values, neighbors=8)
+    np.testing.assert_allclose(local, extend.local_extend(new_along[:, None], along[:, None], values, neighbors=8),
+                               rtol=1e-9, atol=1e-12)

@@ -117,12 +117,19 @@ def _prepare(new_coords, coords, values):
     check_duplicate_sites(coords, what="planar")
     poly = np.hstack([np.ones((n_sites, 1)), coords - coords.mean(axis=0)])
     if np.linalg.matrix_rank(poly) < dim + 1:
-        raise InputError(
-            f"the fitted sites lie on a lower-dimensional set (e.g. all on one line in 2-D); "
-            f"a {dim}-D thin-plate spline is not defined: give coordinates with d = "
-            f"{dim - 1} instead."
-        )
+        # sites on a line (a transect) or a plane: the spline lives in their own affine
+        # span, and a new site takes the value at its projection onto that span
+        coords, new_coords = _in_affine_span(coords, new_coords)  # duplicates are refused above
     return new_coords, coords, values, vector
+
+
+def _in_affine_span(coords, new_coords):
+    """Coordinates of the sites and the new sites along the principal axes the sites span."""
+    centre = coords.mean(axis=0)
+    _, singular, axes = np.linalg.svd(coords - centre, full_matrices=False)
+    keep = singular > 1e-9 * max(float(singular.max()), np.finfo(float).tiny)
+    axes = axes[keep]
+    return (coords - centre) @ axes.T, (new_coords - centre) @ axes.T
 
 
 def typical_spacing(coords):
