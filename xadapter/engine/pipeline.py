@@ -266,11 +266,11 @@ class _Run:
     def covariance(self, data, core):
         return fit_covariance(data, core, self.settings.gamma, self.settings.seed, self.sites)
 
-    def fine_scale(self, data, core, covariance, eigenvalues=None):
+    def fine_scale(self, data, core, covariance, eigenvalues=None, start=None):
         if self.settings.fine_scale is None:
             return None
         return fit_fine_scale_of(data, core, covariance, self.sites, self.settings.fine_scale,
-                                 seed=self.settings.seed, eigenvalues=eigenvalues)
+                                 seed=self.settings.seed, eigenvalues=eigenvalues, start=start)
 
     def folds(self):
         n_sites = self.data.shape[1]
@@ -319,11 +319,12 @@ class _Run:
                 reference = _fitted(core, covariance, None, self.sites, s)
                 extensions = [extend_to_held_out(reference, np.setdiff1d(everything, held), held) for held in folds]
                 scored = {}  # kept rank -> (crps, rmse, coverage, count) in this block
+                fine = None  # each candidate's fine scale starts from the previous one's
                 for keep in _ranks_to_score(ranks, covariance.effective_rank):
                     self.report(f"cross-validation: tau1={tau1:.4g}, rank {keep}, time block "
                                 f"{number + 1}/{len(blocks)}")
                     eigenvalues = np.where(np.arange(rank) < keep, covariance.eigenvalues, 0.0)
-                    fine = self.fine_scale(train_data, core, covariance, eigenvalues)
+                    fine = self.fine_scale(train_data, core, covariance, eigenvalues, start=fine)
                     model = reference.replace(eigenvalues=eigenvalues, fine=fine)
                     cv = cross_validate_sites(model, target, folds, times=times, extensions=extensions)
                     scored[keep] = (cv.crps, cv.rmse, cv.coverage, float(cv.count.sum()))
@@ -437,11 +438,12 @@ def _refill_block(data, filled, loadings, eigenvalues, noise_variance, mean, key
     return np.where(missing, result.mean + np.sqrt(result.variance) * draws, filled)
 
 
-def fit_fine_scale_of(data, core, covariance, sites, kind, *, seed=0, eigenvalues=None):
+def fit_fine_scale_of(data, core, covariance, sites, kind, *, seed=0, eigenvalues=None, start=None):
     """Fit the fine-scale covariance on the remainders beyond the kept low rank.
 
     The remainders of at most :data:`FINE_MAX_TIMES` evenly spaced times enter the
-    pooled variogram.
+    pooled variogram. ``start``: a neighbouring candidate's fit (the rank search), from
+    which one pass with lags set by its range is warm-started.
     """
     eigenvalues = covariance.eigenvalues if eigenvalues is None else eigenvalues
     loadings = covariance.loadings(core.basis)[:, np.asarray(eigenvalues) > 0]
@@ -455,6 +457,15 @@ def fit_fine_scale_of(data, core, covariance, sites, kind, *, seed=0, eigenvalue
         # the spectral rule's noise floor as the nugget; the range is not identified
         return FineScaleParams(kind, 0.0, median_spacing_km(coords, geographic, sites.size),
                                float(covariance.noise_variance))
+    if start is not None:
+        distance = FINE_FIT_RANGES * start.range_km if start.partial_sill > 0.05 * start.sill else None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a candidate's fit: the chosen model is refitted in full
+            try:
+                return fit_fine_scale(remainders, coords, kind, geographic=geographic, seed=seed,
+                                      max_distance=distance, start=start)
+            except InputError:
+                pass
     # the first pass only sets the lags of the second, so the variogram alone does (the local
     # likelihood, two thirds of the cost, is run once, on the pass that is kept)
     with warnings.catch_warnings(record=True):
