@@ -163,12 +163,17 @@ def _gstools_predict(problem):
     return np.asarray(mean), np.asarray(variance)
 
 
-def run_gstools(resid, hidden, problem):
-    """Per-month ordinary kriging with one pooled exponential variogram (GSTools)."""
-    run = timed(_gstools_predict, problem)
+def _timed_outcome(predict, problem):
+    """Scores and wall/CPU time of ``predict(problem) -> (mean, variance)``."""
+    run = timed(predict, problem)
     outcome = gaussian_outcome(problem.truth, *run.result)
     outcome.wall, outcome.cpu = run.wall, run.cpu
     return outcome
+
+
+def run_gstools(resid, hidden, problem):
+    """Per-month ordinary kriging with one pooled exponential variogram (GSTools)."""
+    return _timed_outcome(_gstools_predict, problem)
 
 
 def _pykrige_predict(problem):
@@ -188,10 +193,7 @@ def _pykrige_predict(problem):
 
 def run_pykrige(resid, hidden, problem):
     """Per-month ordinary kriging, variogram fitted per month by PyKrige."""
-    run = timed(_pykrige_predict, problem)
-    outcome = gaussian_outcome(problem.truth, *run.result)
-    outcome.wall, outcome.cpu = run.wall, run.cpu
-    return outcome
+    return _timed_outcome(_pykrige_predict, problem)
 
 
 def idw_weights(source_xy, target_xy, power=IDW_POWER):

@@ -411,16 +411,21 @@ def _fit(args):
     return 0
 
 
+def _targets(args):
+    """The kriging or forecast targets: ``--at`` stations (loaded), else the ``--grid``."""
+    if args.at is None:
+        return args.grid
+    with _open_input(args.at) as at:
+        return at
+
+
 def _krige(args):
     import xarray as xr
 
     say = _say(args)
     output = _output_path(args.output)
     adapter = _load_adapter(args.adapter)
-    targets = args.grid
-    if args.at is not None:
-        with _open_input(args.at) as at:
-            targets = at
+    targets = _targets(args)
     with _open_input(args.observed, args.chunks) as ds, _scheduler(args.scheduler, say):
         observed = _variable(ds, args.var, args.observed)
         if args.prediction is not None:
@@ -460,10 +465,7 @@ def _forecast(args):
     say = _say(args)
     output = _output_path(args.output)
     adapter = _load_adapter(args.adapter)
-    targets = args.grid
-    if args.at is not None:
-        with _open_input(args.at) as at:
-            targets = at
+    targets = _targets(args)
     start = time.perf_counter()
     forecast = adapter.forecast(args.steps, at=targets, level=args.level)
     forecast = _cf_coordinates(forecast, targets, adapter.state)
