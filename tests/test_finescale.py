@@ -481,3 +481,29 @@ def test_inputs_are_not_modified(small_network):
     fs.fit_fine_scale(values, coords, n_bins=8, min_pairs=5)
     for original, copy in zip((coords, values, targets), copies):
         np.testing.assert_array_equal(original, copy)
+
+
+def test_small_patterns_use_the_exact_system_and_agree_with_the_local_one(monkeypatch):
+    """At most k observed sites: one factorisation of W gives what the k-neighbour
+    formulas give (they use every observed site then), on every missingness pattern."""
+    from xadapter.engine import finescale as fs
+
+    rng = np.random.default_rng(4)
+    n_sites, n_times, rank = 25, 40, 2
+    coords = rng.uniform(0.0, 500.0, (n_sites, 2))
+    loadings = np.linalg.qr(rng.standard_normal((n_sites, rank)))[0]
+    data = rng.standard_normal((n_times, n_sites)) * 2.0
+    data[rng.random(data.shape) < 0.15] = np.nan
+    params = fs.FineScaleParams("exponential", partial_sill=1.5, range_km=120.0, nugget=0.4)
+    targets = rng.uniform(0.0, 500.0, (30, 2))
+    target_loadings = rng.standard_normal((30, rank)) * 0.2
+    args = (data, loadings, np.array([8.0, 3.0]), params, coords)
+    kwargs = dict(target_loadings=target_loadings, target_coords=targets, k=30)
+    dense = fs.krige_with_fine_scale(*args, **kwargs)
+    at_sites = fs.krige_with_fine_scale(*args, k=30)
+    monkeypatch.setattr(fs, "_dense_pattern", lambda *a: None)
+    local = fs.krige_with_fine_scale(*args, **kwargs)
+    local_at_sites = fs.krige_with_fine_scale(*args, k=30)
+    for got, want in ((dense, local), (at_sites, local_at_sites)):
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(got[1], want[1], rtol=1e-9, atol=1e-9)

@@ -1111,6 +1111,45 @@ def _local_precision(points, params, k, geographic):
     return ((precision + precision.T) * 0.5).tocsr()
 
 
+def _dense_pattern(points, params, geographic):
+    """:class:`_DensePattern` of the observed points, or None when ``W`` does not factorise."""
+    try:
+        return _DensePattern(points, params, geographic)
+    except np.linalg.LinAlgError:
+        return None
+
+
+class _DensePattern:
+    """The fine-scale system of a pattern of at most ``k`` observed sites, factorised once.
+
+    ``W = C_fine + tau_eff^2 I`` over the observed sites (``n x n``, ``n <= k``): its
+    inverse is what :func:`_local_precision` approximates, exact here, and the weights
+    of every target on all observed sites are those :func:`_neighbour_weights` gives
+    with ``k >= n`` neighbours.
+    """
+
+    def __init__(self, points, params, geographic):
+        self.points, self.params, self.geographic = points, params, geographic
+        system = params.covariance(_distance_km(points[:, None, :], points[None, :, :], geographic))
+        system[np.diag_indices_from(system)] += _effective_nugget(params)
+        self.factor = sla.cho_factor(system, lower=True)
+
+    def precision(self):
+        if self.points.shape[0] < 2 or self.params.partial_sill == 0:
+            return sp.identity(self.points.shape[0], format="csr") / self.params.sill
+        return sla.cho_solve(self.factor, np.eye(self.points.shape[0]))
+
+    def target_weights(self, target_points, n_times):
+        """As :func:`_neighbour_weights`: blocks of ``(part, neighbour_index, weights, covariance)``."""
+        n_observed = self.points.shape[0]
+        for part in _target_blocks(target_points.shape[0], n_observed, n_times, self.points.shape[1]):
+            covariance = self.params.covariance(
+                _distance_km(target_points[part][:, None, :], self.points[None, :, :], self.geographic))
+            weights = sla.cho_solve(self.factor, covariance.T).T
+            index = np.broadcast_to(np.arange(n_observed), covariance.shape)
+            yield part, index, weights, covariance
+
+
 def krige_with_fine_scale(data, loadings, eigenvalues, params, coords, *, target_loadings=None,
                           target_coords=None, mean=None, target_mean=None, include_noise=True,
                           k=30, geographic=False, scores="local"):
@@ -1176,17 +1215,23 @@ def krige_with_fine_scale(data, loadings, eigenvalues, params, coords, *, target
         observed = centred[np.ix_(times, sites)]
         observed_points = points[sites]
         observed_loadings = loadings[sites]
+        # at most k observed sites: every target's neighbourhood and every site's
+        # leave-one-out set is the whole pattern, so the local formulas are the exact
+        # ones; one n x n factorisation replaces the per-target systems
+        dense = _dense_pattern(observed_points, params, geographic) if sites.size <= k else None
         posterior = None
         if scores == "local" and eigenvalues.size:
-            precision = _local_precision(observed_points, params, k, geographic)
+            precision = dense.precision() if dense is not None else \
+                _local_precision(observed_points, params, k, geographic)
             posterior = score_posterior(observed_loadings, eigenvalues, precision)
         if posterior is None:  # white: the fine scale and nugget as independent noise
             posterior = score_posterior(observed_loadings, eigenvalues, 1.0 / params.sill)
         score_covariance, weighted = posterior
         score_mean = observed @ weighted @ score_covariance
         remainder = observed - score_mean @ observed_loadings.T
-        for part, neighbour_index, weights, covariance in _neighbour_weights(
-                observed_points, target_points, k, times.size, params, geographic):
+        blocks = dense.target_weights(target_points, times.size) if dense is not None else \
+            _neighbour_weights(observed_points, target_points, k, times.size, params, geographic)
+        for part, neighbour_index, weights, covariance in blocks:
             corrected = target_loadings[part] - np.einsum("bk,bkl->bl", weights,
                                                           observed_loadings[neighbour_index])
             predicted[times, part] = (score_mean @ target_loadings[part].T
