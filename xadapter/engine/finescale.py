@@ -69,6 +69,9 @@ simulated truth was within 0.1 % of the exact predictor's in every case.
 
 from __future__ import annotations
 
+import hashlib
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -952,14 +955,49 @@ def _local_weights(observed_points, target_points, neighbour_index, params, geog
     covariance : ndarray, shape (b, k)
         ``C_fine(target, neighbour)``.
     """
-    neighbours = observed_points[neighbour_index]
-    between = _distance_km(neighbours[:, :, None, :], neighbours[:, None, :, :], geographic)
+    between, to_target = _neighbour_distances(observed_points, target_points, neighbour_index, geographic)
     system = params.covariance(between)
     diagonal = np.arange(neighbour_index.shape[1])
     system[:, diagonal, diagonal] += _effective_nugget(params)
-    covariance = params.covariance(_distance_km(neighbours, target_points[:, None, :], geographic))
+    covariance = params.covariance(to_target)
     weights = np.linalg.solve(system, covariance[:, :, None])[:, :, 0]
     return weights, covariance
+
+
+#: Distances among neighbourhoods kept for reuse: the same sites and targets are kriged
+#: under many fine-scale models in the rank search and the site cross-validation, and
+#: the distances (not the model) are most of the cost of a kriging system.
+_DISTANCE_CACHE: OrderedDict = OrderedDict()
+#: Bytes the cache may hold in all, and the largest neighbourhood geometry it keeps.
+_DISTANCE_CACHE_TOTAL_BYTES = 128_000_000
+_DISTANCE_CACHE_MAX_BYTES = 16_000_000
+_DISTANCE_CACHE_LOCK = threading.Lock()
+
+
+def _neighbour_distances(observed_points, target_points, neighbour_index, geographic):
+    """Distances within each target's neighbourhood ``(b, k, k)`` and to the target ``(b, k)``, km."""
+    key = None
+    if neighbour_index.size * neighbour_index.shape[1] * 8 <= _DISTANCE_CACHE_MAX_BYTES:
+        digest = hashlib.blake2b(digest_size=16)
+        for array in (observed_points, target_points, neighbour_index):
+            digest.update(np.ascontiguousarray(array).tobytes())
+            digest.update(str(array.shape).encode())
+        key = (digest.digest(), bool(geographic))
+        with _DISTANCE_CACHE_LOCK:
+            if key in _DISTANCE_CACHE:
+                _DISTANCE_CACHE.move_to_end(key)
+                return _DISTANCE_CACHE[key]
+    neighbours = observed_points[neighbour_index]
+    between = _distance_km(neighbours[:, :, None, :], neighbours[:, None, :, :], geographic)
+    to_target = _distance_km(neighbours, target_points[:, None, :], geographic)
+    if key is not None:
+        between.setflags(write=False)
+        to_target.setflags(write=False)
+        with _DISTANCE_CACHE_LOCK:
+            _DISTANCE_CACHE[key] = (between, to_target)
+            while sum(b.nbytes + t.nbytes for b, t in _DISTANCE_CACHE.values()) > _DISTANCE_CACHE_TOTAL_BYTES:
+                _DISTANCE_CACHE.popitem(last=False)
+    return between, to_target
 
 
 def _target_blocks(n_targets, k, n_times, dim):
