@@ -216,3 +216,19 @@ def test_mini_batches_of_time_chunks_equal_numpy_windows_of_the_same_rows(gappy_
     _assert_same_model(lazy, eager)
     with pytest.raises(Exception, match="batch_size"):
         SpatialAdapter(batch_size="rows").fit(train)
+
+
+def test_short_record_on_many_sites_gives_the_exact_basis():
+    """More sites than the Gram path takes and fewer times than three solver blocks: the
+    block eigensolver's search space exceeds the operator's rank (below T) and it stopped
+    early on wrong vectors (subspace distance 2.3); such records use Lanczos."""
+    from xadapter.engine.basis import LAZY_GRAM_MAX_SITES, solve_basis
+
+    rng = np.random.default_rng(0)
+    n_times, n_sites = 40, LAZY_GRAM_MAX_SITES + 1000
+    patterns = np.linalg.qr(rng.standard_normal((n_sites, 2)))[0]
+    data = (rng.standard_normal((n_times, 2)) * [300.0, 200.0]) @ patterns.T + rng.standard_normal((n_times, n_sites))
+    exact = solve_basis(data, 8)
+    with dask.config.set(scheduler="threads"):
+        lazy = solve_basis(dask.array.from_array(data, chunks=(10, n_sites)), 8)
+    assert subspace_distance(lazy, exact) < 1e-8

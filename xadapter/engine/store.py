@@ -236,16 +236,13 @@ class WorkerStore(_Store):
         chunks = client.compute(list(data.to_delayed().ravel()))
         self.blocks = [client.submit(_as_block, chunk, pure=False) for chunk in chunks]
         del chunks
-        self.names = {"data"}
-        self._shared = []
 
     def share(self, value):
         # small values travel inside the task messages; large ones go to every worker once
         if value is None or np.isscalar(value) or getattr(value, "nbytes", _SHARE_BYTES + 1) <= _SHARE_BYTES:
             return value
-        future = self.client.scatter(value, broadcast=True, hash=False)
-        self._shared.append(future)
-        return future
+        # not kept here: the tasks that take it hold it, and it is released after them
+        return self.client.scatter(value, broadcast=True, hash=False)
 
     def apply(self, kernel, indices=None, args=(), block_args=None, writes=(), reads=None):
         indices = range(len(self.rows)) if indices is None else list(indices)
@@ -258,7 +255,6 @@ class WorkerStore(_Store):
         for index, pair in zip(indices, pairs):
             self.blocks[index] = self.client.submit(itemgetter(0), pair, pure=False)
             results.append(self.client.submit(itemgetter(1), pair, pure=False))
-        self.names.update(writes)
         return self.client.gather(results)
 
     def reduce(self, kernel, indices=None, args=(), block_args=None, writes=(), reads=None):
@@ -272,7 +268,6 @@ class WorkerStore(_Store):
             if writes:
                 self.blocks[index] = self.client.submit(itemgetter(0), pair, pure=False)
             parts.append(self.client.submit(itemgetter(1), pair, pure=False))
-        self.names.update(writes)
         while len(parts) > 1:
             parts = [self.client.submit(add_results, *parts[i:i + 2], pure=False) if i + 1 < len(parts)
                      else parts[i] for i in range(0, len(parts), 2)]
@@ -289,7 +284,6 @@ class WorkerStore(_Store):
 
     def close(self):
         self.blocks = []
-        self._shared = []
 
 
 def _as_block(chunk):
