@@ -411,6 +411,17 @@ def _fit(args):
     return 0
 
 
+def _add_targets(parser, verb, at_default):
+    """``--at`` / ``--grid`` (one or the other) and ``--level`` of the kriging and forecast commands."""
+    where = parser.add_mutually_exclusive_group()
+    separator = "" if at_default.startswith(";") else " "
+    where.add_argument("--at", metavar="TARGETS.nc",
+                       help=f"NetCDF file whose coordinates are the targets{separator}{at_default}")
+    where.add_argument("--grid", type=_grid, metavar="LAT0:LAT1:DLAT,LON0:LON1:DLON",
+                       help=f"{verb} on a regular lat/lon grid (degrees, ends included)")
+    parser.add_argument("--level", type=_level, default=0.9, help="central probability of the intervals")
+
+
 def _targets(args):
     """The kriging or forecast targets: ``--at`` stations (loaded), else the ``--grid``."""
     if args.at is None:
@@ -678,13 +689,7 @@ def build_parser():
     krige.add_argument("--prediction", metavar="NAME",
                        help="first-stage prediction variable of OBS.nc; kriges the residual --var minus NAME "
                             "(as fitted by 'xadapter fit --prediction')")
-    where = krige.add_mutually_exclusive_group()
-    where.add_argument("--at", metavar="TARGETS.nc",
-                       help="NetCDF file whose coordinates are the targets (stations with lat/lon, or a lat/lon "
-                            "grid); default: fill the fitted sites")
-    where.add_argument("--grid", type=_grid, metavar="LAT0:LAT1:DLAT,LON0:LON1:DLON",
-                       help="krige on a regular lat/lon grid (degrees, ends included)")
-    krige.add_argument("--level", type=_level, default=0.9, help="central probability of the intervals")
+    _add_targets(krige, "krige", "(stations with lat/lon, or a lat/lon grid); default: fill the fitted sites")
     krige.add_argument("--no-noise", action="store_true",
                        help="predict the latent field rather than a new observation (leave out the white noise)")
     krige.add_argument("--covariates", type=_names, metavar="A,B",
@@ -703,12 +708,7 @@ def build_parser():
                                           "upper as CF-labelled NetCDF.")
     forecast.add_argument("adapter", metavar="ADAPTER.nc", help="adapter file written by 'xadapter fit'")
     forecast.add_argument("--steps", type=_positive_int, default=1, metavar="N", help="time steps ahead")
-    where = forecast.add_mutually_exclusive_group()
-    where.add_argument("--at", metavar="TARGETS.nc",
-                       help="NetCDF file whose coordinates are the targets; default: the fitted sites")
-    where.add_argument("--grid", type=_grid, metavar="LAT0:LAT1:DLAT,LON0:LON1:DLON",
-                       help="forecast on a regular lat/lon grid (degrees, ends included)")
-    forecast.add_argument("--level", type=_level, default=0.9, help="central probability of the intervals")
+    _add_targets(forecast, "forecast", "; default: the fitted sites")
     forecast.add_argument("-o", "--output", default="forecast.nc", metavar="FORECAST.nc",
                           help="forecast file to write")
     _add_quiet(forecast)

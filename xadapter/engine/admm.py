@@ -353,10 +353,6 @@ def _fill(block, rows, local, covariates, theta, w_mean, basis):
     resid[missing] = recon[missing]
 
 
-def _k_fill(block, rows, local, covariates, theta, w_mean, basis):
-    _fill(block, rows, local, covariates, theta, w_mean, basis)
-
-
 def _k_window_sums(block, rows, local, covariates, theta, w_mean, basis):
     """Fill the window's gaps; column sums of ``Q = R - mu - U`` and of the old ``Z`` there."""
     _fill(block, rows, local, covariates, theta, w_mean, basis)
@@ -528,7 +524,7 @@ class _Driver:
         self.any_missing = any_missing
         self.theta = self.trend = None
         self._projection = None
-        if any_missing:
+        if any_missing and "observed" not in store.names:
             store.apply(_k_mark_gaps, writes=("observed",), reads=("data",))
         if covariates is not None:
             gram, projection = store.reduce(_k_trend_start, args=(self.shared_covariates,),
@@ -637,7 +633,7 @@ class _Driver:
         if self.any_missing:
             store = self.store
             basis = store.share(self.basis)
-            store.apply(_k_fill, args=(self.shared_covariates, self.theta, self.w_mean, basis),
+            store.apply(_fill, args=(self.shared_covariates, self.theta, self.w_mean, basis),
                         block_args=[(slice(0, rows.stop - rows.start),) for rows in store.rows],
                         writes=("resid",), reads=("resid", "observed"))
         feasible = self.feasible()
@@ -763,7 +759,7 @@ def fit_adapter(data, rank, *, omega=None, tau1=0.0, tau2=0.0, covariates=None, 
     if covariates is None and not any_missing:
         return _exact_fit(data, settings, init)
 
-    store = open_store(data, workspace)
+    store = open_store(data, workspace, observed=None if is_lazy(data) else observed)
     driver = _Driver(store, any_missing, covariates, ridge, settings, init)
     windows = list(store.rows) if batch_size == "chunks" else _windows(n_times, batch_size)
     rng = np.random.default_rng(seed)

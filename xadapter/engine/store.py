@@ -45,7 +45,7 @@ def block_rows(chunk_sizes):
     return [slice(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
 
 
-def open_store(data, workspace=None):
+def open_store(data, workspace=None, observed=None):
     """A store holding ``data`` (T, N) as its ``"data"`` variable.
 
     Parameters
@@ -56,9 +56,12 @@ def open_store(data, workspace=None):
         scheduler, else a :class:`DiskStore` in ``workspace``.
     workspace : str, optional
         Parent directory of the disk store's scratch directory.
+    observed : ndarray of bool, shape (T, N), optional
+        numpy data: the observation mask when the caller has it (stored as
+        ``"observed"``, not recomputed).
     """
     if not is_lazy(data):
-        return MemoryStore(data)
+        return MemoryStore(data, observed)
     client = _current_client()
     if client is not None:
         return WorkerStore(data, client)
@@ -86,6 +89,8 @@ class _Store:
 
     rows: list
     shape: tuple
+    #: Variables known to be stored (the worker store does not track them).
+    names = frozenset()
 
     def __len__(self):
         return len(self.rows)
@@ -120,10 +125,14 @@ class _Store:
 class MemoryStore(_Store):
     """One block: the arrays themselves, updated in place."""
 
-    def __init__(self, data):
+    def __init__(self, data, observed=None):
         self.shape = data.shape
         self.rows = [slice(0, data.shape[0])]
-        self.block = {"data": data}
+        self.block = {"data": data} if observed is None else {"data": data, "observed": observed}
+
+    @property
+    def names(self):
+        return set(self.block)
 
     def apply(self, kernel, indices=None, args=(), block_args=None, writes=(), reads=None):
         """``[kernel(block, rows, *block_args[i], *args) for each block]``.
