@@ -457,30 +457,40 @@ def fit_fine_scale_of(data, core, covariance, sites, kind, *, seed=0, eigenvalue
         # the spectral rule's noise floor as the nugget; the range is not identified
         return FineScaleParams(kind, 0.0, median_spacing_km(coords, geographic, sites.size),
                                float(covariance.noise_variance))
+    def fit(**options):
+        return fit_fine_scale(remainders, coords, kind, geographic=geographic, seed=seed, **options)
+
     if start is not None:
-        distance = FINE_FIT_RANGES * start.range_km if start.partial_sill > 0.05 * start.sill else None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a candidate's fit: the chosen model is refitted in full
             try:
-                return fit_fine_scale(remainders, coords, kind, geographic=geographic, seed=seed,
-                                      max_distance=distance, start=start)
+                return fit(max_distance=_lag_limit(start), start=start)
             except InputError:
                 pass
     # the first pass only sets the lags of the second, so the variogram alone does (the local
-    # likelihood, two thirds of the cost, is run once, on the pass that is kept)
-    with warnings.catch_warnings(record=True):
-        warnings.simplefilter("always")
-        first = fit_fine_scale(remainders, coords, kind, geographic=geographic, seed=seed, split="variogram")
-    if first.partial_sill > 0.05 * first.sill:
-        # the kept low rank takes the long-wave part of the fine-scale field and lowers the
-        # remainders' plateau; fitting lags up to a few ranges keeps that out of ell and tau^2
+    # likelihood, two thirds of the cost, is run once, on the pass that is kept); its
+    # warnings do not stand
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        first = fit(split="variogram")
+    limit = _lag_limit(first)
+    if limit is not None:
         try:
-            return fit_fine_scale(remainders, coords, kind, geographic=geographic, seed=seed,
-                                  max_distance=FINE_FIT_RANGES * first.range_km)
+            return fit(max_distance=limit)
         except InputError:
             pass
     # spatially white remainders, or no second pass possible: the one pass, in full
-    return fit_fine_scale(remainders, coords, kind, geographic=geographic, seed=seed)
+    return fit()
+
+
+def _lag_limit(params):
+    """Largest lag of a fine-scale refit after ``params``: a few ranges, or None (all lags).
+
+    The kept low rank takes the long-wave part of the fine-scale field and lowers the
+    remainders' plateau; fitting lags up to a few ranges keeps that out of ell and tau^2.
+    Spatially white remainders (a partial sill under 5 % of the sill) have no range to go by.
+    """
+    return FINE_FIT_RANGES * params.range_km if params.partial_sill > 0.05 * params.sill else None
 
 
 def subsample_size(max_times, n_sites):
