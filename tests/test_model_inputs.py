@@ -6,6 +6,7 @@ import xarray as xr
 
 from xadapter import SpatialAdapter, datasets
 from xadapter.engine.admm import fit_adapter
+from xadapter.exceptions import InputError
 
 
 @pytest.fixture(scope="module")
@@ -104,3 +105,24 @@ def test_first_stage_added_back_and_accessor_krige(stations):
     np.testing.assert_allclose(shifted["variance"].values, plain["variance"].values)
     with pytest.raises(ValueError, match="SpatialAdapter"):
         observed.sadapter.krige("not an adapter")
+
+
+def test_covariates_as_a_dataset_of_variables_equal_the_stacked_dataarray():
+    """One variable per covariate, each on its own dims (a site-only elevation next to a
+    (time, station) temperature), gives the same fit as the stacked DataArray."""
+    ds = datasets.synthetic_field(n_times=50, n_stations=30, rank=2, missing=0.1, seed=4)
+    rng = np.random.default_rng(1)
+    elevation = xr.DataArray(rng.normal(size=30), dims="station", coords={"station": ds["station"]})
+    temperature = xr.DataArray(rng.normal(size=(50, 30)), dims=("time", "station"),
+                               coords={"time": ds["time"], "station": ds["station"]})
+    resid = ds["residual"] + 0.4 * temperature
+    stacked = xr.concat([elevation.broadcast_like(temperature), temperature], dim="feature") \
+        .assign_coords(feature=["elevation", "temperature"])
+    settings = dict(rank=3, site_folds=None, fine_scale=None, progress=False)
+    by_dataset = SpatialAdapter(**settings).fit(resid, covariates=xr.Dataset({"elevation": elevation,
+                                                                                 "temperature": temperature}))
+    by_array = SpatialAdapter(**settings).fit(resid, covariates=stacked)
+    np.testing.assert_array_equal(by_dataset.trend_coefficients.values, by_array.trend_coefficients.values)
+    assert list(by_dataset.trend_coefficients["feature"].values) == ["elevation", "temperature"]
+    with pytest.raises(InputError, match="empty Dataset"):
+        SpatialAdapter(**settings).fit(resid, covariates=xr.Dataset())

@@ -641,6 +641,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def build_parser():
     """The ``xadapter`` argument parser (one subparser per subcommand)."""
+    from .engine.settings import Settings
+
     formatter = _HelpFormatter
     parser = _Parser(prog="xadapter", formatter_class=formatter,
                      description="Spatial adapters for the residuals of frozen forecast models: fit an adapter "
@@ -666,7 +668,8 @@ def build_parser():
                      help="smoothness weight, or 'cv' to choose it by cross-validation over sites")
     fit.add_argument("--fine-scale", default="exponential", choices=["exponential", "matern32", "none"],
                      help="short-range covariance beyond the low rank ('none': the paper's model)")
-    fit.add_argument("--max-iter", type=_positive_int, default=200, metavar="N", help="ADMM iteration limit")
+    fit.add_argument("--max-iter", type=_positive_int, default=Settings.max_iter, metavar="N",
+                     help=f"ADMM iteration limit (default {Settings.max_iter})")
     fit.add_argument("--tol", type=_positive_float, default=1e-4, metavar="X",
                      help="relative tolerance of the ADMM stopping rule")
     fit.add_argument("--site-folds", type=_non_negative_int, default=5, metavar="N",

@@ -63,7 +63,7 @@ class Settings:
     phi_freeze: int | None = None
     momentum: float = 0.0
     min_iter: int = 5
-    max_iter: int = 200
+    max_iter: int = 500
     tol: float = 1e-4
     extension: str = "auto"
     extension_neighbors: int = 50

@@ -293,6 +293,17 @@ def _plain(value):
     return value.item() if hasattr(value, "item") else value
 
 
+def _stack_features(dataset):
+    """A Dataset of one variable per covariate as one DataArray along ``feature``."""
+    if not dataset.data_vars:
+        raise InputError("covariates is an empty Dataset; give one variable per covariate.")
+    # each variable keeps its own dims (a site-only elevation next to a (time, site)
+    # temperature): broadcast them against each other before stacking
+    variables = xr.broadcast(*[dataset[name].drop_vars(dataset[name].coords.keys() - dataset[name].dims)
+                               for name in dataset.data_vars])
+    return xr.concat(variables, dim="feature").assign_coords(feature=[str(name) for name in dataset.data_vars])
+
+
 def covariate_array(covariates, stacked, time_dim, site_dim, space_dims, *, what="residuals"):
     """Covariates as (T, N, p), (T, p) or (N, p) numpy aligned with ``stacked``.
 
@@ -301,8 +312,11 @@ def covariate_array(covariates, stacked, time_dim, site_dim, space_dims, *, what
     """
     if covariates is None:
         return None, None
+    if isinstance(covariates, xr.Dataset):
+        covariates = _stack_features(covariates)
     if not isinstance(covariates, xr.DataArray):
-        raise InputError(f"covariates must be an xarray.DataArray, got {type(covariates).__name__}.")
+        raise InputError(f"covariates must be an xarray.DataArray with a 'feature' dim or a Dataset of one "
+                         f"variable per covariate, got {type(covariates).__name__}.")
     if "feature" not in covariates.dims:
         raise InputError(f"covariates need a 'feature' dim (dims: {tuple(covariates.dims)}).")
     allowed = (time_dim, "feature") + tuple(space_dims)

@@ -177,7 +177,7 @@ class SpatialAdapter:
         phi_freeze=None,
         momentum=0.0,
         min_iter=5,
-        max_iter=200,
+        max_iter=Settings.max_iter,
         tol=1e-4,
         extension="auto",
         extension_neighbors=50,
@@ -267,9 +267,10 @@ class SpatialAdapter:
             and ``state`` then cover the other times only). The time labels must be
             unique and ordered (increasing or decreasing); duplicated or unordered
             times are an error.
-        covariates : xarray.DataArray, optional
-            Covariates of the residual trend with a ``feature`` dim and any of the
-            time and space dims (missing dims broadcast).
+        covariates : xarray.DataArray or xarray.Dataset, optional
+            Covariates of the residual trend: a DataArray with a ``feature`` dim, or a
+            Dataset of one variable per covariate (named by the variable), each on any
+            of the time and space dims (missing dims broadcast).
 
         Returns
         -------
@@ -468,8 +469,8 @@ class SpatialAdapter:
         calibrate : float or tuple, optional
             Interval multiplier: a number, or ``(truth, result)`` of a calibration
             run from which a split-conformal multiplier is computed.
-        covariates : xarray.DataArray, optional
-            Covariates of the residual trend over the times of ``observed`` and every
+        covariates : xarray.DataArray or xarray.Dataset, optional
+            Covariates of the residual trend (as in :meth:`fit`) over the times of ``observed`` and every
             observed and target site (matched by space labels).
         first_stage : xarray.DataArray, optional
             First-stage prediction at the targets; added to ``mean``/``lower``/``upper``.
