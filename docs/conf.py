@@ -2,7 +2,8 @@
 
 Build with ``sphinx-build -W -b html docs docs/_build/html`` (``pip install ".[docs]"``).
 The build needs no network: no intersphinx inventories are fetched and the gallery
-scripts in ``docs/examples/`` are shown, not executed.
+scripts in ``docs/examples/`` are shown, not executed (their figures are kept in
+``docs/images/gallery/``, checked by ``tests/test_docs.py``).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ extensions = [
 
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
 root_doc = "index"
-exclude_patterns = ["_build", "Thumbs.db", ".DS_Store", "examples/*.png"]
+exclude_patterns = ["_build", "Thumbs.db", ".DS_Store"]
 templates_path = []
 
 # math in the Markdown pages ($...$, $$...$$) and ```{math} blocks
@@ -133,39 +134,6 @@ def skip_foreign_members(app, what, name, obj, skip, options):
     return None
 
 
-#: Docstrings of the package that are not valid reStructuredText, repaired at build
-#: time (object name -> (text, replacement) pairs on single lines). Each entry is a
-#: no-op once the docstring itself is fixed.
-DOCSTRING_REPAIRS = {
-    # an indented formula with |Phi|_1 is read as a block quote with a substitution
-    "xadapter.engine.basis": [(":func:`solve_basis` returns", ":func:`solve_basis` returns::")],
-    # "site_" is read as a hyperlink reference
-    "xadapter.labelled.model.SpatialAdapter.covariance": [("(site, site_)", "(site, ``site_``)")],
-    "xadapter.SpatialAdapter.covariance": [("(site, site_)", "(site, ``site_``)")],
-}
-
-
-def repair_docstrings(app, what, name, obj, options, lines):
-    for old, new in DOCSTRING_REPAIRS.get(name, ()):
-        for i, line in enumerate(lines):
-            if old in line and new not in line:
-                lines[i] = line.replace(old, new, 1)
-                break
-
-
-#: Module paths from before the package was split into ``engine`` and ``labelled``,
-#: still used in a few package docstrings: cross-references to them are resolved to
-#: the current modules instead of rendering as plain text.
-OLD_MODULE_PATHS = {
-    "xadapter.basis": "xadapter.engine.basis",
-    "xadapter.extend": "xadapter.engine.extend",
-    "xadapter.kriging": "xadapter.engine.kriging",
-    "xadapter.penalty": "xadapter.engine.penalty",
-    "xadapter.trend": "xadapter.engine.trend",
-    "xadapter.model": "xadapter.labelled.model",
-}
-
-
 #: Where short names in package docstrings (``:class:`SpatialAdapter```, ``:func:`load```,
 #: ``:class:`Sites```) are documented when the docstring's own module does not hold them.
 SHORT_NAME_MODULES = (
@@ -179,21 +147,14 @@ SHORT_NAME_MODULES = (
 
 
 def resolve_xadapter_names(app, env, node, contnode):
-    """Resolve references that the Python domain misses: old module paths and short names."""
-    if node.get("refdomain") != "py":
-        return None
+    """Resolve short names that the Python domain misses (see ``SHORT_NAME_MODULES``)."""
     target = node.get("reftarget", "")
-    candidates = []
-    for old, new in OLD_MODULE_PATHS.items():
-        if target == old or target.startswith(old + "."):
-            candidates.append(new + target[len(old):])
-    if not target.startswith("xadapter"):
-        candidates += [f"{module}.{target}" for module in SHORT_NAME_MODULES]
+    if node.get("refdomain") != "py" or target.startswith("xadapter"):
+        return None
     domain = env.get_domain("py")
-    for candidate in candidates:
-        if candidate == "xadapter.labelled.model.SpatialAdapter":
-            candidate = "xadapter.SpatialAdapter"  # documented under its public name
-        found = domain.resolve_xref(env, node["refdoc"], app.builder, node["reftype"], candidate, node, contnode)
+    for module in SHORT_NAME_MODULES:
+        found = domain.resolve_xref(env, node["refdoc"], app.builder, node["reftype"], f"{module}.{target}", node,
+                                    contnode)
         if found is not None:
             return found
     return None
@@ -203,5 +164,4 @@ def setup(app):
     app.add_directive("command-help", CommandHelp)
     app.connect("missing-reference", resolve_xadapter_names)
     app.connect("autodoc-skip-member", skip_foreign_members)
-    app.connect("autodoc-process-docstring", repair_docstrings)
     return {"parallel_read_safe": True}

@@ -7,18 +7,23 @@ without dask chunks and a distributed scheduler); user mistakes must end in one
 """
 
 import argparse
+import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import xarray as xr
 
 import xadapter
-from xadapter import SpatialAdapter, datasets
+from xadapter import SpatialAdapter, cli, datasets
 from xadapter.cli import build_parser, main
 from xadapter.engine.basis import subspace_distance
+from xadapter.engine.settings import Settings
+from xadapter.labelled.state import FORMAT_VERSION
 
 #: Fast settings shared by the command and the in-process reference fits.
 FIT_OPTIONS = ["--rank", "3", "--site-folds", "0", "--quiet"]
@@ -58,6 +63,45 @@ def adapter_file(files):
     path = files["folder"] / "adapter.nc"
     assert main(["fit", str(files["input"]), "resid", *FIT_OPTIONS, "-o", str(path)]) == 0
     return path
+
+
+@pytest.fixture(scope="module")
+def trend_adapter_file(files):
+    """An adapter of ``obs - pred`` with a residual trend on ``elev``."""
+    path = files["folder"] / "trend_for_krige.nc"
+    assert main(["fit", str(files["input"]), "obs", "--prediction", "pred", "--covariates", "elev",
+                 *FIT_OPTIONS, "-o", str(path)]) == 0
+    return path
+
+
+@pytest.fixture(scope="module")
+def rank_auto_fit(tmp_path_factory):
+    """``xadapter fit --rank auto`` on a 20-step field on a 4 x 5 lat/lon grid.
+
+    Returns the adapter file and the ``(category, message)`` of every warning the
+    command reported. On so few steps and sites the candidate ranks above the
+    identifiable one have infinite noise edges, which once met a trailing variance of
+    0 and made numpy warn about ``0 * inf``.
+    """
+    folder = tmp_path_factory.mktemp("rank_auto")
+    rng = np.random.default_rng(5)
+    lat, lon = np.arange(30.0, 38.0, 2.0), np.arange(-100.0, -90.0, 2.0)
+    pattern = np.cos((lon[None, :] + 100.0) / 4.0) * np.ones((lat.size, 1))  # one smooth mode
+    values = 3.0 * rng.standard_normal((20, 1, 1)) * pattern + rng.standard_normal((20, lat.size, lon.size))
+    field = xr.DataArray(values, dims=("time", "lat", "lon"),
+                         coords={"time": pd.date_range("2000-01-01", periods=20, freq="D"), "lat": lat, "lon": lon})
+    field.to_dataset(name="var").to_netcdf(folder / "small.nc")
+    path = folder / "adapter.nc"
+    reported = []
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        reported.append((category, str(message)))
+
+    with pytest.MonkeyPatch.context() as patch, warnings.catch_warnings():
+        patch.setattr(cli, "_show_warning", record)
+        warnings.simplefilter("always")  # a warning seen earlier in the session must show again
+        assert main(["fit", str(folder / "small.nc"), "var", "--rank", "auto", "-q", "-o", str(path)]) == 0
+    return path, reported
 
 
 def _assert_same_fit(fitted, reference, tol=1e-10):
@@ -164,10 +208,8 @@ def test_krige_at_target_stations(files, adapter_file):
         assert written["lon"].attrs["units"] == "degrees_east"
 
 
-def test_krige_with_a_trend_takes_covariates_from_observed_and_target_files(files):
-    adapter_path, out = files["folder"] / "trend_for_krige.nc", files["folder"] / "kriged_trend.nc"
-    assert main(["fit", str(files["input"]), "obs", "--prediction", "pred", "--covariates", "elev",
-                 *FIT_OPTIONS, "-o", str(adapter_path)]) == 0
+def test_krige_with_a_trend_takes_covariates_from_observed_and_target_files(files, trend_adapter_file):
+    adapter_path, out = trend_adapter_file, files["folder"] / "kriged_trend.nc"
     assert main(["krige", str(adapter_path), "--observed", str(files["input"]), "--var", "obs",
                  "--prediction", "pred", "--covariates", "elev", "--at", str(files["targets"]), "-q",
                  "-o", str(out)]) == 0
@@ -196,6 +238,48 @@ def test_krige_on_a_grid_has_cf_lat_lon(files, adapter_file):
         assert written["lon"].attrs["standard_name"] == "longitude"
 
 
+@pytest.mark.parametrize("trend, options, message", [
+    # a trend adapter without --covariates: the command's options, not the model's keywords
+    (True, [], "this adapter has a residual trend on ['elev']: give --covariates elev (variables of"),
+    (True, ["--at", "{targets}"], "and the same variables in {targets}"),
+    (True, ["--covariates", "elev", "--grid", "31:44:1.5,-108:-92:4"], "--grid cannot be used with"),
+    (True, ["--grid", "31:44:1.5,-108:-92:4"], "give the targets as --at TARGETS.nc with the variables elev"),
+    (False, ["--covariates", "elev"], "has no residual trend"),
+])
+def test_krige_trend_options_must_match_the_adapter(files, adapter_file, trend_adapter_file, tmp_path, capsys,
+                                                    trend, options, message):
+    variable = ["--var", "obs", "--prediction", "pred"] if trend else ["--var", "resid"]
+    options = [option.format(targets=files["targets"]) for option in options]
+    out = tmp_path / "kriged.nc"
+    status, stdout, stderr = _run(["krige", trend_adapter_file if trend else adapter_file, "--observed",
+                                   files["input"], *variable, *options, "-q", "-o", out], capsys)
+    assert status == 2
+    assert stderr.startswith("error:") and stderr.count("\n") == 1, stderr
+    assert message.format(targets=files["targets"]) in stderr
+    assert "covariates=" not in stderr and "Traceback" not in stderr + stdout
+    assert not out.exists()
+
+
+def test_krige_help_says_a_grid_cannot_take_a_trend(capsys):
+    _, stdout, _ = _run(["krige", "--help"], capsys)
+    grid_help = " ".join(stdout.split("--grid LAT0:LAT1:DLAT,LON0:LON1:DLON")[-1].split("--level")[0].split())
+    assert "not for an adapter with a residual trend" in grid_help
+
+
+def test_kriged_and_forecast_files_are_cf_1_8(files, adapter_file):
+    kriged, forecast = files["folder"] / "kriged_cf.nc", files["folder"] / "forecast_cf.nc"
+    assert main(["krige", str(adapter_file), "--observed", str(files["input"]), "--var", "resid",
+                 "--grid", "31:44:1.5,-108:-92:4", "-q", "-o", str(kriged)]) == 0
+    assert main(["forecast", str(adapter_file), "--steps", "2", "-q", "-o", str(forecast)]) == 0
+    for path in (kriged, forecast):
+        with xr.open_dataset(path) as written:
+            assert written.attrs["Conventions"] == "CF-1.8"
+            assert written["time"].attrs["standard_name"] == "time"
+            assert written["time"].attrs["axis"] == "T"
+            assert np.issubdtype(written["time"].dtype, np.datetime64)  # written with CF units "since"
+            assert written["lat"].attrs["standard_name"] == "latitude"
+
+
 # ---------------------------------------------------------------------- info and plot
 def test_info_prints_summary_parameters_and_tables(files, capsys):
     path = files["folder"] / "calibrated.nc"
@@ -205,6 +289,8 @@ def test_info_prints_summary_parameters_and_tables(files, capsys):
     assert status == 0 and stderr == ""
     adapter = xadapter.load(path)
     assert repr(adapter) in stdout
+    assert re.search(r"effective rank: (\d+)", stdout).group(1) == str(adapter.effective_rank)
+    assert f"file format: {FORMAT_VERSION}" in stdout
     assert f"xadapter version: {xadapter.__version__}" in stdout
     assert adapter.state.attrs["created"] in stdout
     assert "site_folds" in stdout and "fine_neighbors" in stdout
@@ -214,6 +300,33 @@ def test_info_prints_summary_parameters_and_tables(files, capsys):
     n_bins = adapter.calibration.sizes["distance_bin"]
     rows = stdout.split(header)[1].splitlines()[1:n_bins + 1]
     assert all(len(row) == len(header) for row in rows)  # aligned columns
+
+
+def test_info_of_a_rank_auto_adapter_prints_the_selection_table(rank_auto_fit, capsys):
+    path, _ = rank_auto_fit
+    status, stdout, stderr = _run(["info", path], capsys)
+    assert status == 0 and stderr == ""
+    adapter = xadapter.load(path)
+    assert re.search(r"effective rank: (\d+)", stdout).group(1) == str(adapter.effective_rank)
+    table = stdout.split("selection (rank / smoothness search):\n")[1].split("\n\n")[0].splitlines()
+    assert table[0].split() == ["tau1", "rank", "crps", "rmse", "coverage"]
+    rows = [line.split() for line in table[1:]]
+    assert len(rows) == adapter.selection.sizes[next(iter(adapter.selection.dims))] > 1
+    assert [int(row[1]) for row in rows] == adapter.selection["rank"].values.tolist()
+
+
+def test_info_quiet_only_checks_the_file(files, adapter_file, capsys):
+    assert _run(["info", "-q", adapter_file], capsys) == (0, "", "")
+    status, stdout, stderr = _run(["info", "--quiet", files["input"]], capsys)
+    assert status == 2 and stdout == "" and "not an xadapter file" in stderr
+
+
+def test_rank_auto_fit_on_a_small_grid_emits_no_numpy_warning(rank_auto_fit):
+    _, reported = rank_auto_fit
+    # numpy's floating-point warnings read "invalid value encountered in multiply" and the like
+    numpy_warnings = [message for category, message in reported
+                      if issubclass(category, RuntimeWarning) and " encountered in " in message]
+    assert numpy_warnings == []
 
 
 def test_plot_writes_png_maps(files, adapter_file, capsys):
@@ -287,7 +400,7 @@ def _subcommands():
     return action.choices
 
 
-@pytest.mark.parametrize("command", ["fit", "krige", "info", "plot", "demo"])
+@pytest.mark.parametrize("command", ["fit", "krige", "forecast", "info", "plot", "demo"])
 def test_help_documents_every_option(command, capsys):
     status, stdout, _ = _run([command, "--help"], capsys)
     assert status == 0
@@ -295,6 +408,16 @@ def test_help_documents_every_option(command, capsys):
         assert action.help, f"{command} {action.option_strings or action.dest} has no help"
         for text in action.option_strings or [action.metavar or action.dest]:
             assert text in stdout
+
+
+@pytest.mark.parametrize("command", ["fit", "krige", "forecast", "info", "plot", "demo"])
+def test_help_shows_each_default_once(command, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "1000")  # one line per option: the defaults of one option are on one line
+    _, stdout, _ = _run([command, "--help"], capsys)
+    for line in stdout.splitlines():
+        assert len(re.findall(r"\(default", line)) <= 1, line
+    if command == "fit":
+        assert f"ADMM iteration limit (default: {Settings.max_iter})" in stdout
 
 
 def test_output_aliases():
@@ -310,7 +433,7 @@ def test_installed_entry_point_runs():
     command = [str(script)] if script.exists() else [sys.executable, "-m", "xadapter.cli"]
     done = subprocess.run([*command, "--help"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    for name in ("fit", "krige", "info", "plot", "demo"):
+    for name in ("fit", "krige", "forecast", "info", "plot", "demo"):
         assert name in done.stdout
 
 

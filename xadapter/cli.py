@@ -12,7 +12,8 @@ Subcommands:
     forecast the residual field the next N time steps after the last fitted time,
     at the fitted sites, the locations of a NetCDF file or on a grid;
 ``xadapter info ADAPTER.nc``
-    print the model summary, its parameters and its selection and calibration tables;
+    print the model summary, the file format version, the parameters and the
+    selection and calibration tables (``--quiet``: only check the file);
 ``xadapter plot ADAPTER.nc [KRIGED.nc]``
     write PNG maps of the basis, of the calibration and of a kriged field;
 ``xadapter demo``
@@ -47,6 +48,12 @@ LOCAL_SCHEDULERS = ("threads", "processes", "synchronous")
 #: Attributes that make a lat/lon coordinate CF-compliant on written outputs.
 CF_LATITUDE = {"standard_name": "latitude", "long_name": "latitude", "units": "degrees_north", "axis": "Y"}
 CF_LONGITUDE = {"standard_name": "longitude", "long_name": "longitude", "units": "degrees_east", "axis": "X"}
+#: Attributes of the time coordinate of written outputs; ``standard_name`` only when it
+#: holds dates, since CF reads a ``time`` as units "since" an epoch, which xarray writes
+#: for dates only.
+CF_TIME = {"standard_name": "time", "axis": "T"}
+#: The ``Conventions`` attribute of the kriged, forecast and demo NetCDF files.
+CF_CONVENTIONS = "CF-1.8"
 
 #: Seconds to wait for a dask.distributed scheduler before giving up.
 CONNECT_TIMEOUT = "10s"
@@ -237,6 +244,30 @@ def _cf_coordinates(dataset, *sources):
     return dataset
 
 
+def _holds_dates(coordinate):
+    """Whether ``coordinate`` holds dates (numpy datetime64 or cftime objects)."""
+    if coordinate.dtype.kind == "M":
+        return True
+    return coordinate.dtype == object and coordinate.size > 0 and hasattr(coordinate.values.flat[0], "calendar")
+
+
+def _cf_output(dataset, time_dim, *sources):
+    """``dataset`` ready to be written as CF: coordinates, time axis and ``Conventions``.
+
+    The lat/lon and source attributes are those of :func:`_cf_coordinates`; the time
+    coordinate ``time_dim`` (when the dataset has one) gets ``axis="T"``, and
+    ``standard_name="time"`` when it holds dates.
+    """
+    dataset = _cf_coordinates(dataset, *sources)
+    if time_dim in dataset.coords:
+        attrs = dataset[time_dim].attrs
+        attrs.setdefault("axis", CF_TIME["axis"])
+        if _holds_dates(dataset[time_dim]):
+            attrs.setdefault("standard_name", CF_TIME["standard_name"])
+    dataset.attrs["Conventions"] = CF_CONVENTIONS
+    return dataset
+
+
 def _save_figures(figures, out):
     """Write ``{file name: Figure}`` as PNG in ``out``, closing each; the paths written."""
     from . import plot
@@ -411,14 +442,14 @@ def _fit(args):
     return 0
 
 
-def _add_targets(parser, verb, at_default):
+def _add_targets(parser, verb, at_default, grid_note=""):
     """``--at`` / ``--grid`` (one or the other) and ``--level`` of the kriging and forecast commands."""
     where = parser.add_mutually_exclusive_group()
     separator = "" if at_default.startswith(";") else " "
     where.add_argument("--at", metavar="TARGETS.nc",
                        help=f"NetCDF file whose coordinates are the targets{separator}{at_default}")
     where.add_argument("--grid", type=_grid, metavar="LAT0:LAT1:DLAT,LON0:LON1:DLON",
-                       help=f"{verb} on a regular lat/lon grid (degrees, ends included)")
+                       help=f"{verb} on a regular lat/lon grid (degrees, ends included){grid_note}")
     parser.add_argument("--level", type=_level, default=0.9, help="central probability of the intervals")
 
 
@@ -430,12 +461,43 @@ def _targets(args):
         return at
 
 
+def _trend_features(adapter):
+    """The names of the residual trend's covariates, or None for an adapter without a trend."""
+    if adapter.trend_coefficients is None:
+        return None
+    return [str(name) for name in adapter.trend_coefficients["feature"].values]
+
+
+def _check_trend_options(adapter, args):
+    """``--covariates`` and ``--grid`` of ``xadapter krige`` checked against the adapter's trend.
+
+    Caught here rather than left to the model, whose messages name its keyword
+    arguments (``covariates=...``), not the command's options.
+    """
+    features = _trend_features(adapter)
+    if features is None:
+        if args.covariates:
+            raise CommandError(f"--covariates: {args.adapter} has no residual trend (it was fitted without "
+                               "--covariates), so there is nothing to use them for; leave the option out")
+        return
+    names = ",".join(features)
+    if args.grid is not None:
+        raise CommandError(f"--grid cannot be used with {args.adapter}: it has a residual trend on {features}, "
+                           f"which needs the covariates at every target and a grid has none; give the targets "
+                           f"as --at TARGETS.nc with the variables {names}")
+    if not args.covariates:
+        where = f"variables of {args.observed}" + (
+            "" if args.at is None else f", and the same variables in {args.at}")
+        raise CommandError(f"this adapter has a residual trend on {features}: give --covariates {names} ({where})")
+
+
 def _krige(args):
     import xarray as xr
 
     say = _say(args)
     output = _output_path(args.output)
     adapter = _load_adapter(args.adapter)
+    _check_trend_options(adapter, args)
     targets = _targets(args)
     with _open_input(args.observed, args.chunks) as ds, _scheduler(args.scheduler, say):
         observed = _variable(ds, args.var, args.observed)
@@ -456,7 +518,7 @@ def _krige(args):
         start = time.perf_counter()
         kriged = adapter.krige(observed, at=targets, level=args.level, include_noise=not args.no_noise,
                                covariates=covariates)
-        kriged = _cf_coordinates(kriged, targets, observed, adapter.state)
+        kriged = _cf_output(kriged, adapter.state.attrs["time_dim"], targets, observed, adapter.state)
         command = shlex.join(["xadapter"] + args.argv)
         stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         kriged.attrs["history"] = f"{stamp}: {command}"
@@ -479,7 +541,7 @@ def _forecast(args):
     targets = _targets(args)
     start = time.perf_counter()
     forecast = adapter.forecast(args.steps, at=targets, level=args.level)
-    forecast = _cf_coordinates(forecast, targets, adapter.state)
+    forecast = _cf_output(forecast, adapter.state.attrs["time_dim"], targets, adapter.state)
     stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     forecast.attrs["history"] = f"{stamp}: {shlex.join(['xadapter'] + args.argv)}"
     from .io.netcdf import atomic_to_netcdf
@@ -502,9 +564,14 @@ def _write_progress(args):
 
 def _info(args):
     adapter = _load_adapter(args.adapter)
+    if args.quiet:
+        # loading is the check: a file that is not a readable adapter has failed above
+        return 0
     attrs = adapter.state.attrs
     print(repr(adapter))
     print(f"\nfile: {args.adapter}")
+    # files without the attribute predate it and have format 1 (see labelled/state.py)
+    print(f"  file format: {attrs.get('xadapter_format', 1)}")
     print(f"  xadapter version: {attrs.get('xadapter_version', 'unknown')}")
     print(f"  created: {attrs.get('created', 'unknown')}")
     print(f"  units: {attrs.get('units') or 'none'}")
@@ -597,8 +664,8 @@ def _demo(args):
 
     # the whole grid for the first forecast month, as maps of mean and variance
     grid = xr.Dataset(coords={"lat": ds["lat"], "lon": ds["lon"]})
-    maps = _cf_coordinates(adapter.krige(observed.isel(time=slice(0, 1)), at=grid, level=0.9), ds)
-    atomic_to_netcdf(result, out / "ozone_kriged_cells.nc")
+    maps = _cf_output(adapter.krige(observed.isel(time=slice(0, 1)), at=grid, level=0.9), "time", ds)
+    atomic_to_netcdf(_cf_output(result, "time", cells), out / "ozone_kriged_cells.nc")
     atomic_to_netcdf(maps, out / "ozone_kriged_map.nc")
     written = [out / "ozone_adapter.nc", out / "ozone_kriged_cells.nc", out / "ozone_kriged_map.nc"]
     if not args.no_plot:
@@ -669,7 +736,7 @@ def build_parser():
     fit.add_argument("--fine-scale", default="exponential", choices=["exponential", "matern32", "none"],
                      help="short-range covariance beyond the low rank ('none': the paper's model)")
     fit.add_argument("--max-iter", type=_positive_int, default=Settings.max_iter, metavar="N",
-                     help=f"ADMM iteration limit (default {Settings.max_iter})")
+                     help="ADMM iteration limit")
     fit.add_argument("--tol", type=_positive_float, default=1e-4, metavar="X",
                      help="relative tolerance of the ADMM stopping rule")
     fit.add_argument("--site-folds", type=_non_negative_int, default=5, metavar="N",
@@ -692,12 +759,14 @@ def build_parser():
     krige.add_argument("--prediction", metavar="NAME",
                        help="first-stage prediction variable of OBS.nc; kriges the residual --var minus NAME "
                             "(as fitted by 'xadapter fit --prediction')")
-    _add_targets(krige, "krige", "(stations with lat/lon, or a lat/lon grid); default: fill the fitted sites")
+    _add_targets(krige, "krige", "(stations with lat/lon, or a lat/lon grid); default: fill the fitted sites",
+                 "; not for an adapter with a residual trend, whose covariates a grid does not have (use --at)")
     krige.add_argument("--no-noise", action="store_true",
                        help="predict the latent field rather than a new observation (leave out the white noise)")
     krige.add_argument("--covariates", type=_names, metavar="A,B",
                        help="residual-trend covariates (the fitted features) in OBS.nc, and in TARGETS.nc "
-                            "for targets elsewhere")
+                            "for targets elsewhere; required by an adapter fitted with a trend, an error "
+                            "for one without")
     _add_dask_options(krige)
     krige.add_argument("-o", "--output", default="kriged.nc", metavar="KRIGED.nc", help="kriged file to write")
     _add_quiet(krige)
@@ -718,9 +787,13 @@ def build_parser():
     forecast.set_defaults(run=_forecast)
 
     info = sub.add_parser("info", formatter_class=formatter, help="describe a saved adapter",
-                          description="Print the model summary, parameters, file version and the selection "
-                                      "and calibration tables of an adapter file.")
+                          description="Print the model summary, file format and xadapter versions, parameters "
+                                      "and the selection and calibration tables of an adapter file.")
     info.add_argument("adapter", metavar="ADAPTER.nc", help="adapter file written by 'xadapter fit'")
+    # the printed description is what info is for, so --quiet leaves only the check
+    info.add_argument("-q", "--quiet", action="store_true",
+                      help="print nothing: only check that ADAPTER.nc is an adapter this version reads "
+                           "(exit status 0, or 2 with one error line)")
     info.set_defaults(run=_info)
 
     plot = sub.add_parser("plot", formatter_class=formatter, help="PNG maps of an adapter and a kriged field",

@@ -62,11 +62,11 @@ print(f"  RMSE with the adapter    {metrics.rmse(truth, test['mean'].values):.2f
 print(f"  coverage of 90 % bounds  {metrics.coverage(truth, test['lower'].values, test['upper'].values):.2f}")
 
 # %% Figures
-plot.basis_maps(adapter, modes=4, ncols=4).savefig(OUTPUT / "00_ozone_basis.png", dpi=110)
-plot.kriging_maps(maps, time="2000-06-01", sites=observed_cells).savefig(OUTPUT / "00_ozone_kriging.png", dpi=110)
+plot.basis_maps(adapter, modes=4, ncols=4).savefig(OUTPUT / "00_ozone_basis.png", dpi=90)
+plot.kriging_maps(maps, time="2000-06-01", sites=observed_cells).savefig(OUTPUT / "00_ozone_kriging.png", dpi=90)
 
 fig, axes = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
 plot.eigenvalue_spectrum(adapter, ax=axes[0])
 plot.calibration_plot(adapter, ax=axes[1])
-fig.savefig(OUTPUT / "00_ozone_diagnostics.png", dpi=110)
+fig.savefig(OUTPUT / "00_ozone_diagnostics.png", dpi=90)
 print(f"wrote 00_ozone_*.png to {OUTPUT.resolve()}")

@@ -67,11 +67,11 @@ grid = xr.Dataset(coords={"lat": np.arange(30.0, 45.01, 0.5), "lon": np.arange(-
 maps = adapter.krige(today, at=grid, include_noise=False)
 
 # %% Figures
-plot.basis_maps(adapter, modes=3).savefig(OUTPUT / "01_station_basis.png", dpi=110)
-plot.kriging_maps(maps, sites=reporting).savefig(OUTPUT / "01_station_kriging.png", dpi=110)
+plot.basis_maps(adapter, modes=3).savefig(OUTPUT / "01_station_basis.png", dpi=90)
+plot.kriging_maps(maps, sites=reporting).savefig(OUTPUT / "01_station_kriging.png", dpi=90)
 
 fig, axes = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
 plot.convergence(adapter, ax=axes[0])
 plot.calibration_plot(adapter, ax=axes[1])
-fig.savefig(OUTPUT / "01_station_diagnostics.png", dpi=110)
+fig.savefig(OUTPUT / "01_station_diagnostics.png", dpi=90)
 print(f"wrote 01_station_*.png to {OUTPUT.resolve()}")

@@ -53,7 +53,7 @@ print(auto)
 fig, axes = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
 plot.selection_plot(auto, ax=axes[0])
 plot.eigenvalue_spectrum(auto, ax=axes[1])
-fig.savefig(OUTPUT / "02_rank_selection.png", dpi=110)
+fig.savefig(OUTPUT / "02_rank_selection.png", dpi=90)
 
 # %% 2. Smoothness: scan tau1 at the chosen rank
 rank = max(auto.effective_rank, 1)
@@ -72,5 +72,5 @@ for row, tau1 in zip(fig.subfigures(2, 1), (0.0, best)):
     plot.basis_maps(scan[tau1], modes=modes, axes=row.subplots(1, len(modes)))
     cosines = ", ".join(f"{c:.2f}" for c in cosines_to_truth(scan[tau1]))
     row.suptitle(f"tau1 = {tau1:g}   (cosines to the true basis: {cosines})")
-fig.savefig(OUTPUT / "02_smoothness_basis.png", dpi=110)
+fig.savefig(OUTPUT / "02_smoothness_basis.png", dpi=90)
 print(f"wrote 02_*.png to {OUTPUT.resolve()}")

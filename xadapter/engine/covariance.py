@@ -503,7 +503,13 @@ def _calibrated_rank(sample_eigenvalues, total_variance, n_sites, n_dof, n_dof_e
     # clipped at 0: on data of lower rank than K, rounding can make it negative
     trailing = np.maximum(total_variance - np.cumsum(sample_eigenvalues), 0.0) / (n_sites - tests)
     signal = sample_eigenvalues > ROUNDING_FLOOR * total_variance
-    passed = np.nonzero((sample_eigenvalues > trailing * edges) & signal)[0]
+    # an infinite edge (above the identifiable rank) fails its test whatever the
+    # trailing variance; multiplying it by a trailing variance of 0 would give NaN and
+    # numpy's "invalid value" warning, so those thresholds are set to inf directly
+    identifiable = np.isfinite(edges)
+    thresholds = np.full(rank, np.inf)
+    thresholds[identifiable] = trailing[identifiable] * edges[identifiable]
+    passed = np.nonzero((sample_eigenvalues > thresholds) & signal)[0]
     return (int(passed[-1]) + 1 if passed.size else 0), edges
 
 

@@ -1,7 +1,7 @@
 """``.sadapter`` accessors on DataArray and Dataset: thin wrappers, no state, no maths.
 
 xarray creates a new accessor object for every DataArray, so nothing is stored
-here: ``fit`` returns the fitted :class:`~xadapter.model.SpatialAdapter`.
+here: ``fit`` returns the fitted :class:`~xadapter.SpatialAdapter`.
 """
 
 from __future__ import annotations

@@ -123,7 +123,7 @@ class SpatialAdapter:
         Neighbours of the local extension.
     extension_smoothing : float, default 0.3
         Smoothing of the thin-plate extension (dimensionless, coordinates in units
-        of the typical site spacing, see :mod:`xadapter.extend`). Estimated
+        of the typical site spacing, see :mod:`xadapter.engine.extend`). Estimated
         eigenvectors are rough at the scale of the site spacing; exact interpolation
         (0) carries that roughness to new sites.
     seed : int
@@ -420,7 +420,7 @@ class SpatialAdapter:
         Returns
         -------
         xarray.DataArray
-            (site, site_) in residual units squared.
+            (site, ``site_``) in residual units squared.
 
         Raises
         ------
