@@ -19,6 +19,8 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from xadapter import SpatialAdapter
+from xadapter.engine.extend import extend_basis
+from xadapter.engine.sites import Sites
 
 PROPERTY = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -180,21 +182,62 @@ def test_longitudes_shifted_by_360_change_nothing(case, seed):
         np.testing.assert_allclose(turned_result[name].values, result[name].values, rtol=1e-6, atol=1e-9)
 
 
+#: New sites kriged through ``at=``: inside the station domain (30-45 N, 110-90 W) and
+#: one well outside it, where the extended basis extrapolates.
+NEW_SITES = xr.Dataset(coords={"site": np.arange(4), "lat": ("site", [36.0, 41.5, 44.0, 25.0]),
+                               "lon": ("site", [-100.0, -95.0, -108.0, -80.0])})
+
+
+def _latent_prior_at_new_sites(adapter, at):
+    """Prior variance of the latent field at the sites of ``at``, from the fitted model's
+    pieces: the basis and its rotation extended to the new sites (``B_P``), the kept
+    eigenvalues and the fine-scale partial sill, ``rowsum(B_P^2 lambda) + eta^2``."""
+    model = adapter.fitted
+    targets = Sites(geographic=True, lat=at["lat"].values, lon=at["lon"].values)
+    extended = extend_basis(model.target_planar(targets), model.planar, model.basis, **model.extension)
+    loadings = extended @ model.rotation
+    fine = 0.0 if model.fine is None else model.fine.partial_sill
+    return np.sum(loadings**2 * model.eigenvalues, axis=1) + fine
+
+
 @PROPERTY
 @given(fields(), st.sampled_from([None, "exponential"]))
 def test_kriging_variance_between_zero_and_the_prior(case, fine_scale):
     field, rank = case
     adapter = SpatialAdapter(rank=rank, fine_scale=fine_scale, site_folds=None).fit(field)
-    prior = np.diag(adapter.covariance().values)
+    noise = adapter.noise_variance
+    # the model covariance holds the white noise once, on its diagonal
+    prior = {True: np.diag(adapter.covariance().values)}
+    prior[False] = prior[True] - noise
+    new_prior = {False: _latent_prior_at_new_sites(adapter, NEW_SITES)}
+    new_prior[True] = new_prior[False] + noise
     observed = _hide(field.isel(time=slice(0, 6)), seed=1)
+    nothing = xr.full_like(observed, np.nan)
     for include_noise in (True, False):
+        # fitted sites, the gaps filled
         variance = adapter.krige(observed, include_noise=include_noise)["variance"].values
         assert np.isfinite(variance).all()
         assert (variance >= 0).all()
-        assert (variance <= prior * (1 + 1e-9)).all()
-    # with nothing observed, kriging gives the prior back
-    nothing = adapter.krige(xr.full_like(observed, np.nan))
-    np.testing.assert_allclose(nothing["variance"].values, np.broadcast_to(prior, observed.shape), rtol=1e-9)
+        assert (variance <= prior[include_noise] * (1 + 1e-9)).all()
+        # with nothing observed, kriging gives that prior back
+        np.testing.assert_allclose(adapter.krige(nothing, include_noise=include_noise)["variance"].values,
+                                   np.broadcast_to(prior[include_noise], observed.shape), rtol=1e-9)
+        # new sites
+        variance = adapter.krige(observed, at=NEW_SITES, include_noise=include_noise)["variance"].values
+        assert variance.shape == (observed.sizes["time"], NEW_SITES.sizes["site"])
+        assert np.isfinite(variance).all()
+        assert (variance >= 0).all()
+        assert (variance <= new_prior[include_noise] * (1 + 1e-9)).all()
+        np.testing.assert_allclose(
+            adapter.krige(nothing, at=NEW_SITES, include_noise=include_noise)["variance"].values,
+            np.broadcast_to(new_prior[include_noise], variance.shape), rtol=1e-9)
+
+
+#: Largest distance of the latent kriged mean from the observation at an observed site,
+#: in noise standard deviations: there ``observed - latent mean`` is the posterior mean
+#: of the noise, of variance below ``sigma^2``. Measured over 300 fits of these fields
+#: (numpy, with and without the fine scale): at most 3.6, root mean square at most 1.11.
+MAX_NOISE_SD = 5.0
 
 
 @PROPERTY
@@ -208,11 +251,15 @@ def test_observed_site_reproduced_with_latent_variance_below_noise(case, fine_sc
     variance = latent["variance"].values
     prior = np.diag(adapter.covariance().values)
     # (plus rounding: the local fine-scale solve with a zero nugget carries a 1e-10 jitter)
-    assert (variance[seen] <= adapter.noise_variance * (1 + 1e-9) + 1e-9 * prior.max()).all()
+    rounding = 1e-9 * prior.max()
+    assert (variance[seen] <= adapter.noise_variance * (1 + 1e-9) + rounding).all()
     # the latent field at an observed site stays within a few noise sd of the observation
+    # (the fields have a noise sd of 0.3 against patterns of sd 5-12 and site levels of
+    # sd 2: a latent mean that ignored the observation would be off by several units)
     error = np.abs(latent["mean"].values - observed.values)[seen]
-    total_sd = np.sqrt(np.diag(adapter.covariance().values)).max()
-    assert (error <= 6 * total_sd).all()
+    noise_sd = np.sqrt(adapter.noise_variance + rounding)
+    assert error.max() <= MAX_NOISE_SD * noise_sd, (error.max(), noise_sd)
+    assert np.sqrt(np.mean(error**2)) <= 1.5 * noise_sd, (np.sqrt(np.mean(error**2)), noise_sd)
     # a new observation adds exactly the noise to the latent variance
     noisy = adapter.krige(observed, include_noise=True)["variance"].values
     np.testing.assert_allclose(noisy - variance, adapter.noise_variance, rtol=1e-7,

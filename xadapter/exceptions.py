@@ -31,6 +31,11 @@ class ProblemTooLargeError(InputError):
     """A dense computation was requested for a problem size it cannot handle."""
 
 
+class WorkerLostError(XAdapterError, RuntimeError):
+    """Part of the ADMM state held on ``dask.distributed`` workers was lost with a worker
+    and cannot be recomputed: the fit cannot go on (run it again)."""
+
+
 class NotFittedError(XAdapterError, AttributeError):
     """A fitted attribute or method was used before ``fit``."""
 

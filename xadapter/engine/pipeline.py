@@ -185,7 +185,12 @@ def check_data(data, rank, site_names=None):
     """Checks every fit needs, in one pass over the data; returns whether any entry is missing."""
     n_times, n_sites = data.shape
     if n_times < 3:
-        raise InputError(f"need at least 3 time steps to fit an adapter, got {n_times}.")
+        # the covariance is learnt from how the field varies over time: one map cannot give it
+        raise InputError(
+            f"need at least 3 time steps to fit an adapter, got {n_times}: give at least 3 time steps "
+            "(a time series per site). To krige a single map, fit the adapter on past residuals and "
+            "pass the map, with a time dim of length 1, to adapter.krige(...)."
+        )
     if rank >= n_sites:
         raise InputError(f"rank={rank} must be smaller than the number of sites ({n_sites}); lower rank.")
     missing = np.isnan(data)

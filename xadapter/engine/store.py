@@ -14,7 +14,12 @@ driver's memory, except in :class:`MemoryStore`.
   the system's), read and written one block at a time; the directory is removed with
   the last reference to the store (arrays over it hold one).
 * :class:`WorkerStore` - dask input under a ``dask.distributed`` client: each block
-  lives on a worker (a future); kernels run where the block is.
+  lives on a worker (a future); kernels run where the block is. A worker lost
+  mid-fit costs nothing but time when dask can recompute its blocks from their
+  history of kernel calls (the same calls on the same values, so the same answer);
+  when it cannot (a value shared with :meth:`WorkerStore.share` is gone with the
+  worker), the fit stops with a :class:`WorkerLostError` naming the lost worker(s)
+  and blocks, never with a wrong answer.
 
 ``store.array(name)`` gives a state variable as one ``(T, N)`` array (numpy for the
 memory store, a dask array over the blocks otherwise) for the passes that read the
@@ -32,6 +37,7 @@ from operator import itemgetter
 import numpy as np
 
 from .chunks import is_lazy, time_blocks
+from ..exceptions import WorkerLostError
 
 
 #: Arguments of kernels larger than this are sent to the workers once per call
@@ -242,6 +248,8 @@ class WorkerStore(_Store):
         self.client = client
         self.shape = data.shape
         self.rows = block_rows(data.chunks[0])
+        # should the state be lost, the message names the workers gone since
+        self.workers_at_start = set(client.nthreads())
         chunks = client.compute(list(data.to_delayed().ravel()))
         self.blocks = [client.submit(_as_block, chunk, pure=False) for chunk in chunks]
         del chunks
@@ -264,7 +272,7 @@ class WorkerStore(_Store):
         for index, pair in zip(indices, pairs):
             self.blocks[index] = self.client.submit(itemgetter(0), pair, pure=False)
             results.append(self.client.submit(itemgetter(1), pair, pure=False))
-        return self.client.gather(results)
+        return self._gather(results, indices)
 
     def reduce(self, kernel, indices=None, args=(), block_args=None, writes=(), reads=None):
         """As :meth:`_Store.reduce`, summed pairwise on the workers: one result comes back."""
@@ -280,7 +288,39 @@ class WorkerStore(_Store):
         while len(parts) > 1:
             parts = [self.client.submit(add_results, *parts[i:i + 2], pure=False) if i + 1 < len(parts)
                      else parts[i] for i in range(0, len(parts), 2)]
-        return self.client.gather(parts[0]) if parts else None
+        return self._gather(parts[0], indices) if parts else None
+
+    def _gather(self, futures, indices):
+        """``client.gather(futures)``, the results of kernels on the blocks ``indices``.
+
+        Raises
+        ------
+        WorkerLostError
+            A worker left and took with it values the blocks need that dask cannot
+            recompute (it then cancels the futures, or gives up on a task that
+            killed its workers): the message names the workers gone and the blocks.
+        """
+        from concurrent.futures import CancelledError
+
+        from distributed import KilledWorker
+
+        try:
+            return self.client.gather(futures)
+        except (CancelledError, KilledWorker) as error:
+            raise WorkerLostError(self._lost_message(indices, error)) from error
+
+    def _lost_message(self, indices, error):
+        try:
+            gone = sorted(self.workers_at_start - set(self.client.nthreads()))
+        except Exception:  # the scheduler itself may be unreachable: the message goes without
+            gone = []
+        workers = f"worker(s) {', '.join(gone)}" if gone else "a worker"
+        rows = [self.rows[i] for i in indices]
+        shown = ", ".join(f"{r.start}-{r.stop - 1}" for r in rows[:5]) + (", ..." if len(rows) > 5 else "")
+        return (f"the fit lost part of its ADMM state on the dask.distributed cluster: {workers} left "
+                f"holding values needed by the blocks of time rows {shown}, and dask cannot recompute them "
+                f"({type(error).__name__}: {error}). Nothing was returned; run the fit again on a healthy "
+                "cluster (or without a distributed Client, on the local scheduler).")
 
     def array(self, name):
         import dask.array as da

@@ -240,6 +240,26 @@ def ratio_overdispersion(site_planar, squared_error, model_variance, count, neig
     ``n_i (r_i - r_loc)^2 / (2 r_loc^2)`` over sites, with ``r_loc`` pooled over each
     site's nearest *other* sites, so smooth regional differences of the ratio do not
     count as noise. At least 1.
+
+    The terms are computed as ``n_i (r_i / r_loc - 1)^2 / 2``, with ``r_i / r_loc``
+    formed in logarithms from the sums of errors and variances: it depends on them
+    only through ratios of ratios (scaling both by any factor changes nothing) and
+    never overflows on the way. A field at rounding level (a constant field:
+    cross-validated errors of 1e-30 against a model variance at its floor of 1e-307,
+    ratios near 1e277) therefore gives a finite value, without numpy warnings.
+
+    * Sites without model variance (or whose neighbours have none) or without counted
+      times are left out; 1 when none is left.
+    * A site without error among neighbours without error has no scatter (term 0).
+    * A site with errors among neighbours without any (``r_loc = 0 < r_i``), or whose
+      term is beyond the float range, is infinitely over-dispersed: the result is then
+      ``inf``, and :func:`variance_ratio_at` falls back on the network-wide scale
+      (every effective count 0).
+
+    Returns
+    -------
+    float
+        At least 1, possibly ``inf``; never NaN.
     """
     n_sites = len(site_planar)
     if n_sites < 3:
@@ -249,9 +269,19 @@ def ratio_overdispersion(site_planar, squared_error, model_variance, count, neig
     usable = (local_var > 0) & (model_variance > 0) & (count > 0)
     if not usable.any():
         return 1.0
-    local = squared_error[index].sum(axis=1)[usable] / local_var[usable]
-    ratio = squared_error[usable] / model_variance[usable]
-    scatter = count[usable] * (ratio - local) ** 2 / (2.0 * np.maximum(local, 1e-300) ** 2)
+    error, variance = squared_error[usable], model_variance[usable]
+    local_error, local_var = squared_error[index].sum(axis=1)[usable], local_var[usable]
+    # r_i / r_loc: 1 where neither the site nor its neighbours have errors, 0 where only
+    # the neighbours have, inf where only the site has
+    relative = np.where(error > 0, np.inf, np.where(local_error > 0, 0.0, 1.0))
+    both = (error > 0) & (local_error > 0)
+    # in logarithms: r_i and r_loc themselves may lie beyond the float range
+    log_relative = ((np.log(error[both]) - np.log(variance[both]))
+                    - (np.log(local_error[both]) - np.log(local_var[both])))
+    # a quotient or a term beyond the float range is an infinite scatter, as intended
+    with np.errstate(over="ignore"):
+        relative[both] = np.exp(log_relative)
+        scatter = count[usable] * (relative - 1.0) ** 2 / 2.0
     return float(max(1.0, np.mean(scatter)))
 
 

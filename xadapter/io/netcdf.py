@@ -17,6 +17,7 @@ rename, the mode the destination would get from a plain ``open(path, "w")``:
 from __future__ import annotations
 
 import os
+import re
 import stat
 import tempfile
 import threading
@@ -68,19 +69,21 @@ def _final_mode(path):
 def _remove_stale_temporaries(folder, name):
     """Remove temporaries of ``name`` left by writers that were killed (SIGKILL, power loss).
 
-    A temporary is named ``.NAME.PID.XXXX.tmp`` after the process writing it; one whose
-    process no longer exists on this machine can only be the remains of a killed write.
-    Temporaries of live processes (a concurrent writer) are left alone.
+    A temporary is named ``.NAME.PID.XXXXXXXX.tmp`` after the process writing it; one
+    whose process no longer exists on this machine can only be the remains of a killed
+    write. Temporaries of live processes (a concurrent writer) are left alone, and so
+    are those of other destinations, including names that extend ``name`` (the
+    temporaries of ``NAME.1`` start with ``.NAME.1.`` too).
     """
-    prefix = f".{name}."
+    # the random part of mkstemp's names has no dot: anything else is another file
+    own = re.compile(rf"\.{re.escape(name)}\.(\d+)\.[^.]+\.tmp")
     for entry in os.listdir(folder):
-        if not (entry.startswith(prefix) and entry.endswith(".tmp")):
-            continue
-        pid = entry[len(prefix):].split(".", 1)[0]
-        if not pid.isdigit() or int(pid) == os.getpid():
+        match = own.fullmatch(entry)
+        pid = None if match is None else int(match.group(1))
+        if pid is None or pid == os.getpid():
             continue
         try:
-            os.kill(int(pid), 0)
+            os.kill(pid, 0)
         except ProcessLookupError:
             try:
                 os.remove(os.path.join(folder, entry))
@@ -93,13 +96,23 @@ def _remove_stale_temporaries(folder, name):
 def atomic_to_netcdf(dataset, path, **kwargs):
     """Write ``dataset`` to ``path`` atomically.
 
-    The file is written next to the destination under a temporary name and renamed
-    over ``path`` (``os.replace``) only after a complete write, so an exception or an
-    interruption leaves no partial file and never clobbers an existing one. A writer
-    killed outright cannot clean up: its temporary is removed by the next write to the
-    same path. The
-    written file gets the mode a normally created file would get: ``0666 & ~umask``,
-    or the permission bits of the file it replaces.
+    The file is written next to the destination under a hidden temporary name,
+    ``.NAME.PID.XXXXXXXX.tmp`` (``PID`` the id of the writing process), and renamed over
+    ``path`` (``os.replace``) only after a complete write, so an exception or an
+    interruption (Ctrl-C) leaves no partial file, removes its temporary and never
+    clobbers an existing file. The written file gets the mode a normally created file
+    would get: ``0666 & ~umask``, or the permission bits of the file it replaces.
+
+    **A writer killed outright** (SIGKILL, the out-of-memory killer, a power cut)
+    cannot clean up. The previous file at ``path`` is then intact, and the killed
+    writer's temporary stays next to it until the next call of this function for the
+    same ``path``, which first removes every temporary of ``path`` whose process no
+    longer runs on this machine. Temporaries of live processes (a concurrent writer)
+    and of other destinations in the folder are left alone; reading the file (e.g.
+    :func:`xadapter.load`) removes nothing. Processes are looked up on this machine
+    only: on a folder shared between machines, do not write the same path from two
+    machines at once (a writer elsewhere could have its temporary taken for a dead
+    one's).
 
     Parameters
     ----------
