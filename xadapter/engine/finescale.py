@@ -101,7 +101,7 @@ _BLOCK_ENTRIES = 1_000_000
 # start (:func:`_newton_polish`) gets there, so the least-squares runs only need to
 # find the basin: 1e-10 instead of 1e-14 cuts the fine-scale fit's CPU by about a
 # sixth with the same parameters.
-_TIGHT_LSQ = {"ftol": 1e-10, "xtol": 1e-10, "gtol": 1e-10, "jac": "3-point"}
+_TIGHT_LSQ = {"ftol": 1e-10, "xtol": 1e-10, "gtol": 1e-10}
 
 # Relative floor on the nugget so that coincident sites never make a singular system.
 _NUGGET_FLOOR = 1e-10
@@ -481,6 +481,14 @@ def _model_semivariance(kind, distance, partial_sill, range_km, nugget):
     return nugget + partial_sill * (1.0 - _correlation(kind, distance / range_km))
 
 
+def _correlation_range_derivative(kind, distance, range_km):
+    """``d rho(h / ell) / d ell`` at the distances, per km of range."""
+    x = np.asarray(distance, dtype=np.float64) / range_km
+    if kind == "exponential":
+        return x * np.exp(-x) / range_km
+    return 3.0 * x**2 * np.exp(-_SQRT3 * x) / range_km
+
+
 def _starting_points(variogram, sill, bounds):
     """A small grid of starting values around robust guesses (nugget, partial sill, range)."""
     distance, gamma = variogram.distance, variogram.semivariance
@@ -538,11 +546,20 @@ def _local_blocks(remainders, points, geographic, neighbours, max_centres, max_b
     patterns_per_centre = max(1, max_blocks // centres.size)
     _, index = cKDTree(points).query(points[centres], k=neighbours + 1)
     index = np.asarray(index).reshape(centres.size, neighbours + 1)
+    # a coincident site may come first in the query: put the centre itself first
+    groups = np.stack([np.concatenate([[site], group[group != site][:neighbours]])
+                       for site, group in zip(centres, index)])
+    # the geometry is the same for every candidate model of a search: cached
+    distances = _neighbour_distances(points, points[centres], groups, geographic)[0]
+    members = centred[:, groups]  # (T, C, m + 1)
+    if not np.isnan(members).any():
+        # every centre and neighbour observed at every time: one pattern per centre
+        products = np.einsum("tci,tcj->cij", members, members)
+        return _LocalBlocks(products, np.full(centres.size, float(n_times)),
+                            np.ones(groups.shape, dtype=bool), np.arange(centres.size), distances)
     products, counts, observed, centre, distance = [], [], [], [], []
-    for site, group in zip(centres, index):
-        # a coincident site may come first in the query: put the centre itself first
-        group = np.concatenate([[site], group[group != site][:neighbours]])
-        values = centred[:, group]
+    for number, group in enumerate(groups):
+        values = members[:, number]
         values = values[~np.isnan(values[:, 0])]
         if values.shape[0] == 0:
             continue
@@ -568,7 +585,7 @@ def _local_blocks(remainders, points, geographic, neighbours, max_centres, max_b
         counts.append(pattern_counts)
         observed.append(patterns)
         centre.append(np.full(patterns.shape[0], len(distance)))
-        distance.append(_distance_km(points[group][:, None, :], points[group][None, :, :], geographic))
+        distance.append(distances[number])
     if not products or not np.concatenate(observed)[:, 1:].any():
         return None
     return _LocalBlocks(np.concatenate(products), np.concatenate(counts).astype(np.float64),
@@ -873,15 +890,36 @@ def fit_fine_scale(remainders, coords, kind="exponential", *, geographic=False, 
     root_counts = np.sqrt(counts / counts.sum())
     floor = 1e-12 * scale
 
-    def residuals(x):
+    def parameters(x):
         if sill == "pooled":
-            partial_sill, range_km, nugget = total * (1.0 - x[0]), x[1], total * x[0]
-        else:
-            partial_sill, range_km, nugget = x[0] * scale, x[1], x[2] * scale
+            return total * (1.0 - x[0]), x[1], total * x[0]
+        return x[0] * scale, x[1], x[2] * scale
+
+    def residuals(x):
+        partial_sill, range_km, nugget = parameters(x)
         model = _model_semivariance(kind, distance, partial_sill, range_km, nugget)
         if weights == "cressie":
             return root_counts * (gamma - model) / np.maximum(model, floor)
         return root_counts * (gamma - model) / scale
+
+    def jacobian(x):
+        # analytic: a difference quotient costs two residual evaluations per parameter
+        # and is most of the fit's cost when many candidate models are fitted
+        partial_sill, range_km, nugget = parameters(x)
+        correlation = _correlation(kind, distance / range_km)
+        by_range = -partial_sill * _correlation_range_derivative(kind, distance, range_km)
+        if sill == "pooled":
+            model_derivative = np.stack([total * correlation, by_range], axis=1)
+        else:
+            model_derivative = np.stack([scale * (1.0 - correlation), by_range, np.full(distance.size, scale)],
+                                        axis=1)
+        if weights == "cressie":
+            model = nugget + partial_sill * (1.0 - correlation)
+            factor = np.where(model > floor, -root_counts * gamma / np.maximum(model, floor) ** 2,
+                              -root_counts / floor)
+        else:
+            factor = -root_counts / scale
+        return factor[:, None] * model_derivative
 
     best = None
     if start is None:
@@ -897,7 +935,7 @@ def fit_fine_scale(remainders, coords, kind="exponential", *, geographic=False, 
             upper_sill = 10.0 * max(float(gamma.max()), total) / scale
             lower, upper = [0.0, range_bounds[0], 0.0], [upper_sill, range_bounds[1], upper_sill]
         x0 = np.clip(x0, lower, upper)
-        result = least_squares(residuals, x0, bounds=(lower, upper),
+        result = least_squares(residuals, x0, jac=jacobian, bounds=(lower, upper),
                                x_scale=np.abs(np.asarray(upper)) + 1e-12, method="trf", **_TIGHT_LSQ)
         if best is None or (result.cost, tuple(result.x)) < (best.cost, tuple(best.x)):
             best, best_bounds = result, (np.asarray(lower, dtype=np.float64), np.asarray(upper, dtype=np.float64))
