@@ -535,3 +535,41 @@ def test_cached_neighbourhood_distances_give_the_same_kriging():
     fresh = fs.local_simple_krige(data, coords, moved, first, k=12)
     np.testing.assert_array_equal(cached[0], fresh[0])
     assert not np.allclose(fresh[0], cold[0][0])
+
+
+def test_complete_data_variogram_through_the_gram_equals_the_pairwise_sums(monkeypatch):
+    """Complete data on a small network are summed through the site Gram matrix; the
+    differences per pair and time give the same bins and values."""
+    rng = np.random.default_rng(3)
+    points = rng.uniform(0.0, 800.0, (120, 2))
+    remainders = rng.normal(size=(40, 120)) + rng.normal(size=120) * 10.0  # large site levels
+    gram_path = fs.empirical_variogram(remainders, points)
+    monkeypatch.setattr(fs, "_VARIOGRAM_GRAM_MAX_SITES", 0)
+    pairwise = fs.empirical_variogram(remainders, points)
+    np.testing.assert_allclose(gram_path.semivariance, pairwise.semivariance, rtol=1e-10)
+    np.testing.assert_allclose(gram_path.distance, pairwise.distance, rtol=1e-12)
+    np.testing.assert_array_equal(gram_path.counts, pairwise.counts)
+
+
+@pytest.mark.parametrize("kind", ["exponential", "matern32"])
+def test_variogram_fit_jacobian_matches_differences(kind, monkeypatch):
+    """The analytic Jacobian handed to the least-squares fit equals central differences."""
+    rng = np.random.default_rng(0)
+    points = rng.uniform(0.0, 1000.0, (100, 2))
+    distance = np.sqrt(((points[:, None] - points[None]) ** 2).sum(-1))
+    factor = np.linalg.cholesky(np.exp(-distance / 200.0) + 1e-9 * np.eye(100))
+    remainders = (factor @ rng.normal(size=(100, 60))).T + 0.5 * rng.normal(size=(60, 100))
+    checked = []
+    original = fs.least_squares
+
+    def checking(fun, x0, jac=None, **options):
+        x = np.asarray(x0, dtype=np.float64)
+        steps = np.maximum(np.abs(x), 1e-3) * 1e-6
+        numeric = np.stack([(fun(x + step) - fun(x - step)) / (2.0 * step[i])
+                            for i, step in enumerate(np.diag(steps))], axis=1)
+        checked.append(np.max(np.abs(jac(x) - numeric)) / np.max(np.abs(numeric)))
+        return original(fun, x0, jac=jac, **options)
+
+    monkeypatch.setattr(fs, "least_squares", checking)
+    fs.fit_fine_scale(remainders, points, kind)
+    assert checked and max(checked) < 1e-6

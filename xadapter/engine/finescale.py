@@ -101,6 +101,13 @@ _BLOCK_ENTRIES = 1_000_000
 # start (:func:`_newton_polish`) gets there, so the least-squares runs only need to
 # find the basin: 1e-10 instead of 1e-14 cuts the fine-scale fit's CPU by about a
 # sixth with the same parameters.
+#: Largest network whose complete-data variogram is formed from the site Gram matrix
+#: (N x N, 32 MB at this size) rather than from differences per pair and time.
+_VARIOGRAM_GRAM_MAX_SITES = 2000
+
+#: Relative tolerance on the local likelihood of a warm-started split (a candidate).
+_WARM_SPLIT_FTOL = 1e-7
+
 _TIGHT_LSQ = {"ftol": 1e-10, "xtol": 1e-10, "gtol": 1e-10}
 
 # Relative floor on the nugget so that coincident sites never make a singular system.
@@ -353,8 +360,10 @@ def empirical_variogram(remainders, coords, *, geographic=False, n_bins=30, max_
 
     Every time step is assumed to be a realisation of the same stationary isotropic
     field; squared differences of all sampled site pairs at all times where both sites
-    are observed are averaged per distance bin. Cost ``O(T * max_pairs)``; no
-    ``N x N`` array is formed.
+    are observed are averaged per distance bin. Cost ``O(T * max_pairs)``; complete
+    data on at most 2000 sites are summed through the ``N x N`` site Gram matrix
+    instead (cost ``O(T N^2)`` in one matrix product); larger networks form no
+    ``N x N`` array.
 
     Parameters
     ----------
@@ -412,10 +421,21 @@ def empirical_variogram(remainders, coords, *, geographic=False, n_bins=30, max_
     edges = max_distance * np.linspace(0.0, 1.0, n_bins + 1) ** 2
     bins = np.clip(np.searchsorted(edges, distance, side="right") - 1, 0, n_bins - 1)
 
-    n_times = remainders.shape[0]
+    n_times, n_sites = remainders.shape
     sum_squares = np.zeros(n_bins)
     counts = np.zeros(n_bins, dtype=np.int64)
     sum_distance = np.zeros(n_bins)
+    if n_sites <= _VARIOGRAM_GRAM_MAX_SITES and first.size * n_times > n_sites**2 \
+            and not np.isnan(remainders).any():
+        # complete data: sum_t (r_ti - r_tj)^2 = G_ii + G_jj - 2 G_ij with G = R^T R, one
+        # matrix product instead of a difference per pair and time
+        gram = remainders.T @ remainders
+        diagonal = np.diag(gram)
+        pair_squares = np.maximum(diagonal[first] + diagonal[second] - 2.0 * gram[first, second], 0.0)
+        sum_squares += np.bincount(bins, weights=pair_squares, minlength=n_bins)
+        counts += np.bincount(bins, minlength=n_bins) * n_times
+        sum_distance += np.bincount(bins, weights=distance * n_times, minlength=n_bins)
+        first = first[:0]  # nothing left for the pairwise loop
     block = max(1, _BLOCK_ENTRIES // max(n_times, 1))
     for start in range(0, first.size, block):
         part = slice(start, start + block)
@@ -647,7 +667,10 @@ def _split_sill_locally(blocks, kind, sill, range_km, nugget, range_bounds, warm
         starts.append(list(min(grid, key=lambda x: (objective(np.array(x)), x))))
     best = None
     for start in starts:
-        result = minimize(objective, start, method="L-BFGS-B", bounds=[(0.0, 1.0), log_bounds])
+        # a warm start (a candidate of a search, refitted in full if chosen) needs its
+        # optimum to the precision of a score, not of a final estimate
+        result = minimize(objective, start, method="L-BFGS-B", bounds=[(0.0, 1.0), log_bounds],
+                          options={"ftol": _WARM_SPLIT_FTOL} if warm else None)
         if best is None or (result.fun, tuple(result.x)) < (best.fun, tuple(best.x)):
             best = result
     fraction, log_range = best.x if warm else _newton_polish(objective, best.x, [(0.0, 1.0), log_bounds])

@@ -237,7 +237,13 @@ def observation_patterns(data, skip_empty=True):
     times, sites : ndarray of int
         The times sharing one pattern and the sites it observes.
     """
-    patterns, inverse = np.unique(~np.isnan(data), axis=0, return_inverse=True)
+    observed = ~np.isnan(data)
+    if observed.all():
+        # the common case of complete data: one pattern, without sorting the rows
+        if data.shape[0] and (data.shape[1] or not skip_empty):
+            yield np.arange(data.shape[0]), np.arange(data.shape[1])
+        return
+    patterns, inverse = np.unique(observed, axis=0, return_inverse=True)
     inverse = np.asarray(inverse).reshape(-1)
     for index, pattern in enumerate(patterns):
         sites = np.flatnonzero(pattern)
