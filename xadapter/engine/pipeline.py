@@ -306,6 +306,7 @@ class _Run:
         folds = self.folds()
         everything = np.arange(n_sites)
         totals, skipped = {}, set()
+        first_fine = None
         for tau1 in tau1_grid:
             for number, block in enumerate(blocks):
                 if block is None:
@@ -324,12 +325,16 @@ class _Run:
                 reference = _fitted(core, covariance, None, self.sites, s)
                 extensions = [extend_to_held_out(reference, np.setdiff1d(everything, held), held) for held in folds]
                 scored = {}  # kept rank -> (crps, rmse, coverage, count) in this block
-                fine = None  # each candidate's fine scale starts from the previous one's
+                # each candidate's fine scale starts from the previous one's; a block's first
+                # candidate (rank 0, or the lowest kept) from the previous block's first
+                fine = first_fine
                 for keep in _ranks_to_score(ranks, covariance.effective_rank):
                     self.report(f"cross-validation: tau1={tau1:.4g}, rank {keep}, time block "
                                 f"{number + 1}/{len(blocks)}")
                     eigenvalues = np.where(np.arange(rank) < keep, covariance.eigenvalues, 0.0)
                     fine = self.fine_scale(train_data, core, covariance, eigenvalues, start=fine)
+                    if not scored:
+                        first_fine = fine
                     model = reference.replace(eigenvalues=eigenvalues, fine=fine)
                     cv = cross_validate_sites(model, target, folds, times=times, extensions=extensions)
                     scored[keep] = (cv.crps, cv.rmse, cv.coverage, float(cv.count.sum()))
