@@ -573,3 +573,28 @@ def test_variogram_fit_jacobian_matches_differences(kind, monkeypatch):
     monkeypatch.setattr(fs, "least_squares", checking)
     fs.fit_fine_scale(remainders, points, kind)
     assert checked and max(checked) < 1e-6
+
+
+@pytest.mark.parametrize("include_noise", [True, False])
+def test_kriging_without_fine_scale_correlation_equals_the_dense_reference(include_noise):
+    """A fine scale with zero partial sill is white noise: the all-times score posterior
+    equals dense kriging, with gaps in every pattern and a time without observations."""
+    rng = np.random.default_rng(0)
+    n_sites, n_times, n_targets = 40, 50, 7
+    coords, targets = rng.uniform(0.0, 1000.0, (n_sites, 2)), rng.uniform(0.0, 1000.0, (n_targets, 2))
+    loadings = np.linalg.qr(rng.normal(size=(n_sites, 3)))[0] * 3.0
+    target_loadings = rng.normal(size=(n_targets, 3))
+    eigenvalues = np.array([5.0, 2.0, 0.5])
+    data = rng.normal(size=(n_times, n_sites))
+    data[rng.random(data.shape) < 0.1] = np.nan
+    data[3] = np.nan
+    params = fs.FineScaleParams("exponential", 0.0, 150.0, 0.4)
+    options = dict(target_loadings=target_loadings, target_coords=targets, include_noise=include_noise)
+    mean, variance = fs.krige_with_fine_scale(data, loadings, eigenvalues, params, coords, **options)
+    exact_mean, exact_variance = fs.exact_krige(data, loadings, eigenvalues, params, coords, **options)
+    np.testing.assert_allclose(mean, exact_mean, atol=1e-12)
+    np.testing.assert_allclose(variance, exact_variance, atol=1e-12)
+    # the time without observations keeps the prior
+    prior = np.einsum("pk,k,pk->p", target_loadings, eigenvalues, target_loadings) + (0.4 if include_noise else 0.0)
+    np.testing.assert_allclose(variance[3], prior, rtol=1e-12)
+    np.testing.assert_array_equal(mean[3], 0.0)
