@@ -78,3 +78,10 @@ def test_plot_scaling(tmp_path):
     data = script("plot_scaling").main(["--smoke", "--figure", str(figure)])
     assert figure.stat().st_size > 0
     assert len(data["fits"]) == 2 and len(data["kriging"]) == 2
+
+
+def test_daily_network_adapter_only():
+    summary = script("bench_daily_network").main(["--smoke", "--no-gstools"])
+    adapter, baseline = summary["adapter, defaults"], summary["zero residual (no spatial model)"]
+    assert adapter["rmse"] < baseline["rmse"] and adapter["crps"] < baseline["crps"]
+    assert 0.8 < adapter["coverage"] <= 1.0
