@@ -84,7 +84,8 @@ from scipy.spatial import cKDTree
 from .checks import nonnegative
 from ..exceptions import InputError, ProblemTooLargeError, warn
 from .geometry import chord_to_great_circle_km, sphere_xyz, validate_latlon
-from .kriging import check_kriging_inputs, observation_patterns, score_posterior
+from .kriging import (check_kriging_inputs, observation_patterns, prefers_posterior_by_time, score_posterior,
+                      white_posterior_by_time)
 
 #: Correlation families understood by :class:`FineScaleParams`.
 KINDS = ("exponential", "matern32")
@@ -1310,44 +1311,6 @@ class _DensePattern:
             yield part, index, weights, covariance
 
 
-def _white_score_kriging(centred, loadings, eigenvalues, precision, target_loadings):
-    """Low-rank kriging under white noise of precision ``q``, every time at once.
-
-    Per time ``t`` with observed sites ``O_t``: the scores' posterior covariance
-    ``G_t = D (I + q D B_O^T B_O D)^{-1} D`` (``D = Lambda^{1/2}``, as
-    :func:`xadapter.engine.kriging.score_posterior`), mean ``q r_O B_O G_t``; the targets
-    get ``a_t B_P^T`` and latent variance ``diag(B_P G_t B_P^T)``. A time with no
-    observation keeps the prior (``G_t = Lambda``, mean 0).
-
-    Returns
-    -------
-    mean, latent_variance : ndarray, shape (T, P)
-    """
-    n_times, n_sites = centred.shape
-    n_targets = target_loadings.shape[0]
-    mean = np.zeros((n_times, n_targets))
-    latent = np.zeros((n_times, n_targets))
-    if eigenvalues.size == 0:
-        return mean, latent
-    root = np.sqrt(eigenvalues)
-    scaled = loadings * root  # B D
-    scaled_targets = target_loadings * root
-    identity = np.eye(eigenvalues.size)
-    step = max(1, _BLOCK_ENTRIES // max(1, n_sites * eigenvalues.size))
-    for start in range(0, n_times, step):
-        rows = slice(start, start + step)
-        observed = ~np.isnan(centred[rows])
-        values = np.where(observed, centred[rows], 0.0)
-        # I + q D B_O^T B_O D for each time, symmetric positive definite (>= I)
-        inner = identity + precision * np.einsum("tn,nk,nl->tkl", observed.astype(np.float64), scaled, scaled)
-        inverse = np.linalg.inv(inner)
-        projected = precision * (values @ scaled)  # q r_O B_O D
-        scores = np.einsum("tk,tkl->tl", projected, inverse)  # in D-scaled coordinates
-        mean[rows] = scores @ scaled_targets.T
-        latent[rows] = np.einsum("pk,tkl,pl->tp", scaled_targets, inverse, scaled_targets)
-    return mean, latent
-
-
 def krige_with_fine_scale(data, loadings, eigenvalues, params, coords, *, target_loadings=None,
                           target_coords=None, mean=None, target_mean=None, include_noise=True,
                           k=30, geographic=False, scores="local"):
@@ -1409,14 +1372,17 @@ def krige_with_fine_scale(data, loadings, eigenvalues, params, coords, *, target
     prior_low_rank = np.einsum("pk,k,pk->p", target_loadings, eigenvalues, target_loadings)
     predicted = np.zeros((n_times, n_targets))
     variance = np.broadcast_to(prior_low_rank + params.partial_sill + nugget, (n_times, n_targets)).copy()
-    if params.partial_sill == 0:
+    if params.partial_sill == 0 and eigenvalues.size and prefers_posterior_by_time(centred, eigenvalues.size):
         # no fine-scale correlation: the remainders carry nothing to the targets (zero
         # kriging weights) and the local precision is 1 / sill exactly, so only the
-        # scores' posterior is left, which is solved for all times at once; on daily
-        # networks nearly every day has its own pattern of gaps
-        predicted, latent = _white_score_kriging(centred, loadings, eigenvalues, 1.0 / params.sill,
-                                                 target_loadings)
-        return predicted + target_mean, np.maximum(latent + nugget, 0.0)
+        # scores' posterior is left, solved for all times at once where nearly every
+        # time has its own pattern of gaps (a daily network)
+        for rows, _, scores, covariance in white_posterior_by_time(centred, loadings, eigenvalues,
+                                                                  1.0 / params.sill):
+            predicted[rows] = scores @ target_loadings.T
+            variance[rows] = nugget + np.einsum("pk,tkl,pl->tp", target_loadings, covariance, target_loadings)
+        np.maximum(variance, 0.0, out=variance)
+        return predicted + target_mean, variance
     for times, sites in observation_patterns(centred):
         observed = centred[np.ix_(times, sites)]
         observed_points = points[sites]
