@@ -520,9 +520,9 @@ def test_cached_neighbourhood_distances_give_the_same_kriging():
     targets = rng.uniform(0.0, 800.0, (40, 2))
     first = fs.FineScaleParams("exponential", partial_sill=1.0, range_km=150.0, nugget=0.2)
     second = fs.FineScaleParams("exponential", partial_sill=2.0, range_km=60.0, nugget=0.5)
-    fs._DISTANCE_CACHE.clear()
+    fs._GEOMETRY_CACHE.entries.clear()
     cold = [fs.local_simple_krige(data, coords, targets, p, k=12) for p in (first, second)]
-    assert len(fs._DISTANCE_CACHE) > 0
+    assert len(fs._GEOMETRY_CACHE.entries) > 0
     warm = [fs.local_simple_krige(data, coords, targets, p, k=12) for p in (first, second)]
     for a, b in zip(cold, warm):
         for x, y in zip(a, b):
@@ -531,7 +531,7 @@ def test_cached_neighbourhood_distances_give_the_same_kriging():
     # other targets of the same shape are other geometry, never a cache hit
     moved = targets + 25.0
     cached = fs.local_simple_krige(data, coords, moved, first, k=12)
-    fs._DISTANCE_CACHE.clear()
+    fs._GEOMETRY_CACHE.entries.clear()
     fresh = fs.local_simple_krige(data, coords, moved, first, k=12)
     np.testing.assert_array_equal(cached[0], fresh[0])
     assert not np.allclose(fresh[0], cold[0][0])
@@ -598,3 +598,27 @@ def test_kriging_without_fine_scale_correlation_equals_the_dense_reference(inclu
     prior = np.einsum("pk,k,pk->p", target_loadings, eigenvalues, target_loadings) + (0.4 if include_noise else 0.0)
     np.testing.assert_allclose(variance[3], prior, rtol=1e-12)
     np.testing.assert_array_equal(mean[3], 0.0)
+
+
+@pytest.mark.parametrize("kind", ["exponential", "matern32"])
+@pytest.mark.parametrize("gaps", [0.0, 0.15])
+def test_local_likelihood_gradient_matches_differences(kind, gaps):
+    """The analytic gradient of the local likelihood in (nugget fraction, log range)
+    equals central differences, with complete data and with gaps."""
+    rng = np.random.default_rng(0)
+    points = rng.uniform(0.0, 1000.0, (150, 2))
+    factor = np.linalg.cholesky(np.exp(-cdist(points, points) / 200.0) + 1e-9 * np.eye(150))
+    remainders = (factor @ rng.normal(size=(150, 60))).T + 0.5 * rng.normal(size=(60, 150))
+    remainders[rng.random(remainders.shape) < gaps] = np.nan
+    blocks = fs._local_blocks(remainders, points, False, 8, 120, 500, np.random.default_rng(1))
+
+    def likelihood(fraction, log_range):
+        return fs._local_negative_loglik(blocks, kind, 1.3 * (1.0 - fraction), np.exp(log_range), 1.3 * fraction)
+
+    step = 1e-6
+    for fraction, log_range in [(0.2, np.log(150.0)), (0.7, np.log(400.0))]:
+        value, gradient = fs._local_negative_loglik_gradient(blocks, kind, 1.3, fraction, log_range)
+        assert value == pytest.approx(likelihood(fraction, log_range), abs=1e-12)
+        numeric = [(likelihood(fraction + step, log_range) - likelihood(fraction - step, log_range)) / (2 * step),
+                   (likelihood(fraction, log_range + step) - likelihood(fraction, log_range - step)) / (2 * step)]
+        np.testing.assert_allclose(gradient, numeric, atol=1e-7)

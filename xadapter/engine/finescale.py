@@ -542,6 +542,19 @@ class _LocalBlocks(NamedTuple):
     distance: np.ndarray  # (C, m + 1, m + 1): distances within each centre's group, km
 
 
+def _centre_groups(points, centres, neighbours):
+    """Each centre followed by its ``neighbours`` nearest other sites, ``(C, neighbours + 1)``."""
+    def compute():
+        index = np.asarray(cKDTree(points).query(points[centres], k=neighbours + 1)[1])
+        index = index.reshape(centres.size, neighbours + 1)
+        # a coincident site may come first in the query: put the centre itself first
+        return (np.stack([np.concatenate([[site], group[group != site][:neighbours]])
+                          for site, group in zip(centres, index)]),)
+
+    key = _GEOMETRY_CACHE.key("groups", points, centres, neighbours)
+    return _GEOMETRY_CACHE.get(key, centres.size * (neighbours + 1) * 8, compute)[0]
+
+
 def _local_blocks(remainders, points, geographic, neighbours, max_centres, max_blocks, rng):
     """Gather the local-likelihood statistics.
 
@@ -565,11 +578,7 @@ def _local_blocks(remainders, points, geographic, neighbours, max_centres, max_b
     centred = remainders - site_mean
     centres = rng.permutation(n_sites)[:max_centres]
     patterns_per_centre = max(1, max_blocks // centres.size)
-    _, index = cKDTree(points).query(points[centres], k=neighbours + 1)
-    index = np.asarray(index).reshape(centres.size, neighbours + 1)
-    # a coincident site may come first in the query: put the centre itself first
-    groups = np.stack([np.concatenate([[site], group[group != site][:neighbours]])
-                       for site, group in zip(centres, index)])
+    groups = _centre_groups(points, centres, neighbours)
     # the geometry is the same for every candidate model of a search: cached
     distances = _neighbour_distances(points, points[centres], groups, geographic)[0]
     members = centred[:, groups]  # (T, C, m + 1)
@@ -613,6 +622,15 @@ def _local_blocks(remainders, points, geographic, neighbours, max_centres, max_b
                         np.concatenate(observed), np.concatenate(centre), np.stack(distance))
 
 
+def _per_block(blocks, per_centre):
+    """An array over centres ``(C, ...)`` taken for each block ``(G, ...)``; complete data
+    have one block per centre, in order, and need no copy."""
+    centre = blocks.centre
+    if centre.size == per_centre.shape[0] and centre[-1] == centre.size - 1 and np.all(np.diff(centre) == 1):
+        return per_centre
+    return per_centre[centre]
+
+
 def _local_negative_loglik(blocks, kind, partial_sill, range_km, nugget):
     """Mean negative Gaussian log-likelihood of each centre given its observed neighbours.
 
@@ -622,7 +640,7 @@ def _local_negative_loglik(blocks, kind, partial_sill, range_km, nugget):
     ``C_fine + tau^2 I``. Unobserved neighbours are decoupled (unit diagonal, zero
     covariance, zero data) so that every block has the same size.
     """
-    correlation = _correlation(kind, blocks.distance / range_km)[blocks.centre]
+    correlation = _per_block(blocks, _correlation(kind, blocks.distance / range_km))
     observed = blocks.observed
     covariance = np.where(observed[:, :, None] & observed[:, None, :], partial_sill * correlation, 0.0)
     diagonal = np.arange(covariance.shape[1])
@@ -652,12 +670,12 @@ def _local_negative_loglik_gradient(blocks, kind, sill, fraction, log_range):
     """
     partial_sill, range_km, nugget = sill * (1.0 - fraction), float(np.exp(log_range)), sill * fraction
     scaled = blocks.distance / range_km
-    correlation = _correlation(kind, scaled)[blocks.centre]
+    correlation = _per_block(blocks, _correlation(kind, scaled))
     # d rho / d log(range)
     if kind == "exponential":
-        by_log_range = (scaled * np.exp(-scaled))[blocks.centre]
+        by_log_range = _per_block(blocks, scaled * np.exp(-scaled))
     else:
-        by_log_range = (3.0 * scaled**2 * np.exp(-_SQRT3 * scaled))[blocks.centre]
+        by_log_range = _per_block(blocks, 3.0 * scaled**2 * np.exp(-_SQRT3 * scaled))
     observed = blocks.observed
     pairs = observed[:, :, None] & observed[:, None, :]
     covariance = np.where(pairs, partial_sill * correlation, 0.0)
@@ -674,7 +692,9 @@ def _local_negative_loglik_gradient(blocks, kind, sill, fraction, log_range):
     by_range[:, diagonal, diagonal] = 0.0
 
     neighbour_cov, cross = covariance[:, 1:, 1:], covariance[:, 1:, 0]
-    weights = np.linalg.solve(neighbour_cov, cross[:, :, None])[:, :, 0]
+    # one inverse serves the weights and the adjoint below
+    inverse = np.linalg.inv(neighbour_cov)
+    weights = np.einsum("gkl,gl->gk", inverse, cross)
     raw_variance = covariance[:, 0, 0] - np.einsum("gk,gk->g", weights, cross)
     variance_floor = _NUGGET_FLOOR * (partial_sill + nugget)
     variance = np.maximum(raw_variance, variance_floor)
@@ -684,7 +704,7 @@ def _local_negative_loglik_gradient(blocks, kind, sill, fraction, log_range):
         + np.einsum("gk,gk->g", weights, explained + products[:, 1:, 0])
     counts, total = blocks.counts, blocks.counts.sum()
     value = float(np.sum(counts * np.log(variance) + squared_error / variance) / total)
-    adjoint = np.linalg.solve(neighbour_cov, explained[:, :, None])[:, :, 0]
+    adjoint = np.einsum("gkl,gl->gk", inverse, explained)
     gradient = []
     for derivative in (by_fraction, by_range):
         d_cross, d_neighbours = derivative[:, 1:, 0], derivative[:, 1:, 1:]
@@ -1087,40 +1107,73 @@ def _local_weights(observed_points, target_points, neighbour_index, params, geog
     return weights, covariance
 
 
-#: Distances among neighbourhoods kept for reuse: the same sites and targets are kriged
-#: under many fine-scale models in the rank search and the site cross-validation, and
-#: the distances (not the model) are most of the cost of a kriging system.
-_DISTANCE_CACHE: OrderedDict = OrderedDict()
-#: Bytes the cache may hold in all, and the largest neighbourhood geometry it keeps.
-_DISTANCE_CACHE_TOTAL_BYTES = 128_000_000
-_DISTANCE_CACHE_MAX_BYTES = 16_000_000
-_DISTANCE_CACHE_LOCK = threading.Lock()
+class _GeometryCache:
+    """Arrays that depend on site locations only, kept by content for reuse.
+
+    The same sites and targets are kriged under many fine-scale models in the rank
+    search and the site cross-validation; their neighbour lists and the distances within
+    neighbourhoods (not the model) are much of the cost of a kriging system. Entries are
+    keyed by a digest of the arrays they derive from, read-only, and dropped oldest first
+    beyond ``total_bytes``; results above ``max_bytes`` are not kept.
+    """
+
+    def __init__(self, total_bytes, max_bytes):
+        self.total_bytes, self.max_bytes = total_bytes, max_bytes
+        self.entries = OrderedDict()
+        self.lock = threading.Lock()
+
+    @staticmethod
+    def key(*parts):
+        digest = hashlib.blake2b(digest_size=16)
+        for part in parts:
+            if isinstance(part, np.ndarray):
+                digest.update(np.ascontiguousarray(part).tobytes())
+                digest.update(str((part.shape, part.dtype.str)).encode())
+            else:
+                digest.update(repr(part).encode())
+        return digest.digest()
+
+    def get(self, key, expected_bytes, compute):
+        """The cached result of ``compute()`` (a tuple of arrays) under ``key``."""
+        if expected_bytes > self.max_bytes:
+            return compute()
+        with self.lock:
+            if key in self.entries:
+                self.entries.move_to_end(key)
+                return self.entries[key]
+        result = compute()
+        for array in result:
+            array.setflags(write=False)
+        with self.lock:
+            self.entries[key] = result
+            while sum(a.nbytes for entry in self.entries.values() for a in entry) > self.total_bytes:
+                self.entries.popitem(last=False)
+        return result
+
+
+#: Neighbour lists and neighbourhood distances, 128 MB in all, 16 MB an entry at most.
+_GEOMETRY_CACHE = _GeometryCache(128_000_000, 16_000_000)
 
 
 def _neighbour_distances(observed_points, target_points, neighbour_index, geographic):
     """Distances within each target's neighbourhood ``(b, k, k)`` and to the target ``(b, k)``, km."""
-    key = None
-    if neighbour_index.size * neighbour_index.shape[1] * 8 <= _DISTANCE_CACHE_MAX_BYTES:
-        digest = hashlib.blake2b(digest_size=16)
-        for array in (observed_points, target_points, neighbour_index):
-            digest.update(np.ascontiguousarray(array).tobytes())
-            digest.update(str(array.shape).encode())
-        key = (digest.digest(), bool(geographic))
-        with _DISTANCE_CACHE_LOCK:
-            if key in _DISTANCE_CACHE:
-                _DISTANCE_CACHE.move_to_end(key)
-                return _DISTANCE_CACHE[key]
-    neighbours = observed_points[neighbour_index]
-    between = _distance_km(neighbours[:, :, None, :], neighbours[:, None, :, :], geographic)
-    to_target = _distance_km(neighbours, target_points[:, None, :], geographic)
-    if key is not None:
-        between.setflags(write=False)
-        to_target.setflags(write=False)
-        with _DISTANCE_CACHE_LOCK:
-            _DISTANCE_CACHE[key] = (between, to_target)
-            while sum(b.nbytes + t.nbytes for b, t in _DISTANCE_CACHE.values()) > _DISTANCE_CACHE_TOTAL_BYTES:
-                _DISTANCE_CACHE.popitem(last=False)
-    return between, to_target
+    def compute():
+        neighbours = observed_points[neighbour_index]
+        return (_distance_km(neighbours[:, :, None, :], neighbours[:, None, :, :], geographic),
+                _distance_km(neighbours, target_points[:, None, :], geographic))
+
+    key = _GEOMETRY_CACHE.key("distances", observed_points, target_points, neighbour_index, bool(geographic))
+    return _GEOMETRY_CACHE.get(key, neighbour_index.size * neighbour_index.shape[1] * 8, compute)
+
+
+def _nearest(points, queries, k):
+    """Positions ``(q, k)`` of the ``k`` nearest ``points`` to each of ``queries``."""
+    def compute():
+        _, index = cKDTree(points).query(queries, k=k)
+        return (np.asarray(index).reshape(queries.shape[0], k),)
+
+    return _GEOMETRY_CACHE.get(_GEOMETRY_CACHE.key("nearest", points, queries, k), queries.shape[0] * k * 8,
+                               compute)[0]
 
 
 def _target_blocks(n_targets, k, n_times, dim):
@@ -1143,10 +1196,8 @@ def _neighbour_weights(observed_points, target_points, k, n_times, params, geogr
         Kriging weights and target-neighbour covariances (:func:`_local_weights`).
     """
     k_here = min(k, observed_points.shape[0])
-    tree = cKDTree(observed_points)
     for part in _target_blocks(target_points.shape[0], k_here, n_times, observed_points.shape[1]):
-        _, neighbour_index = tree.query(target_points[part], k=k_here)
-        neighbour_index = np.asarray(neighbour_index).reshape(-1, k_here)
+        neighbour_index = _nearest(observed_points, target_points[part], k_here)
         weights, covariance = _local_weights(observed_points, target_points[part], neighbour_index,
                                              params, geographic)
         yield part, neighbour_index, weights, covariance
@@ -1255,7 +1306,7 @@ def _local_precision(points, params, k, geographic):
     k = min(k, n_sites - 1)
     if k < 1 or params.partial_sill == 0:
         return sp.identity(n_sites, format="csr") / params.sill
-    _, index = cKDTree(points).query(points, k=k + 1)
+    index = _nearest(points, points, k + 1)
     others = index != np.arange(n_sites)[:, None]
     others[others.all(axis=1), -1] = False  # a coincident site pushed the site itself out
     index = index[others].reshape(n_sites, k)
@@ -1267,9 +1318,14 @@ def _local_precision(points, params, k, geographic):
         weights[part] = part_weights
         loo_variance[part] = params.partial_sill + _effective_nugget(params) - np.einsum(
             "bk,bk->b", part_weights, covariance)
-    loo = sp.csr_matrix((weights.ravel(), (rows, index.ravel())), shape=(n_sites, n_sites))
-    precision = sp.diags(1.0 / loo_variance) @ (sp.identity(n_sites, format="csr") - loo)
-    return ((precision + precision.T) * 0.5).tocsr()
+    # D^-1 (I - R) symmetrised, assembled at once: 1 / D on the diagonal and each term
+    # -R_ij / D_i / 2 at (i, j) and at (j, i) (coinciding entries are summed)
+    diagonal = np.arange(n_sites)
+    off = -0.5 * (weights / loo_variance[:, None]).ravel()
+    columns = index.ravel()
+    return sp.csr_matrix((np.concatenate([1.0 / loo_variance, off, off]),
+                          (np.concatenate([diagonal, rows, columns]), np.concatenate([diagonal, columns, rows]))),
+                         shape=(n_sites, n_sites))
 
 
 def _dense_pattern(points, params, geographic):
