@@ -97,11 +97,6 @@ EXACT_MAX_SITES = 5000
 # Entries of a temporary block (bounds memory at ~32 MB per temporary array).
 _BLOCK_ENTRIES = 1_000_000
 
-# The variogram fit must give the same parameters to about 1e-8 from the same data
-# summed in another order (dask chunks against numpy); the Newton polish of the best
-# start (:func:`_newton_polish`) gets there, so the least-squares runs only need to
-# find the basin: 1e-10 instead of 1e-14 cuts the fine-scale fit's CPU by about a
-# sixth with the same parameters.
 #: Largest network whose complete-data variogram is formed from the site Gram matrix
 #: (N x N, 32 MB at this size) rather than from differences per pair and time.
 _VARIOGRAM_GRAM_MAX_SITES = 2000
@@ -109,6 +104,11 @@ _VARIOGRAM_GRAM_MAX_SITES = 2000
 #: Relative tolerance on the local likelihood of a warm-started split (a candidate).
 _WARM_SPLIT_FTOL = 1e-7
 
+# The variogram fit must give the same parameters to about 1e-8 from the same data
+# summed in another order (dask chunks against numpy); the Newton polish of the best
+# start (:func:`_newton_polish`) gets there, so the least-squares runs only need to
+# find the basin: 1e-10 instead of 1e-14 cuts the fine-scale fit's CPU by about a
+# sixth with the same parameters.
 _TIGHT_LSQ = {"ftol": 1e-10, "xtol": 1e-10, "gtol": 1e-10}
 
 # Relative floor on the nugget so that coincident sites never make a singular system.
@@ -502,12 +502,12 @@ def _model_semivariance(kind, distance, partial_sill, range_km, nugget):
     return nugget + partial_sill * (1.0 - _correlation(kind, distance / range_km))
 
 
-def _correlation_range_derivative(kind, distance, range_km):
-    """``d rho(h / ell) / d ell`` at the distances, per km of range."""
-    x = np.asarray(distance, dtype=np.float64) / range_km
+def _correlation_log_range_derivative(kind, scaled_distance):
+    """``d rho(h / ell) / d log(ell)`` for scaled distances ``h / ell`` (dimensionless)."""
+    x = np.asarray(scaled_distance, dtype=np.float64)
     if kind == "exponential":
-        return x * np.exp(-x) / range_km
-    return 3.0 * x**2 * np.exp(-_SQRT3 * x) / range_km
+        return x * np.exp(-x)
+    return 3.0 * x**2 * np.exp(-_SQRT3 * x)
 
 
 def _starting_points(variogram, sill, bounds):
@@ -631,6 +631,33 @@ def _per_block(blocks, per_centre):
     return per_centre[centre]
 
 
+def _local_system(blocks, correlation, partial_sill, nugget):
+    """The model covariance of every block ``(G, m + 1, m + 1)``, centre first, and its
+    mask of observed pairs. Unobserved neighbours are decoupled (unit diagonal, zero
+    covariance); a floor on the nugget keeps coincident sites and a zero nugget from a
+    singular system."""
+    observed = blocks.observed
+    pairs = observed[:, :, None] & observed[:, None, :]
+    covariance = np.where(pairs, partial_sill * correlation, 0.0)
+    diagonal = np.arange(covariance.shape[1])
+    white = max(nugget, _NUGGET_FLOOR * (partial_sill + nugget))
+    covariance[:, diagonal, diagonal] = np.where(observed, partial_sill + white, 1.0)
+    return covariance, pairs
+
+
+def _local_terms(blocks, covariance, weights, floor):
+    """Mean negative log-likelihood of the blocks given the kriging ``weights``; also the
+    unfloored and floored variances and the squared errors summed over each block's times."""
+    cross = covariance[:, 1:, 0]
+    raw_variance = covariance[:, 0, 0] - np.einsum("gk,gk->g", weights, cross)
+    variance = np.maximum(raw_variance, floor)
+    products = blocks.cross_products
+    squared_error = (products[:, 0, 0] - 2.0 * np.einsum("gk,gk->g", weights, products[:, 1:, 0])
+                     + np.einsum("gk,gkl,gl->g", weights, products[:, 1:, 1:], weights))
+    value = float(np.sum(blocks.counts * np.log(variance) + squared_error / variance) / blocks.counts.sum())
+    return value, raw_variance, variance, squared_error
+
+
 def _local_negative_loglik(blocks, kind, partial_sill, range_km, nugget):
     """Mean negative Gaussian log-likelihood of each centre given its observed neighbours.
 
@@ -641,21 +668,9 @@ def _local_negative_loglik(blocks, kind, partial_sill, range_km, nugget):
     covariance, zero data) so that every block has the same size.
     """
     correlation = _per_block(blocks, _correlation(kind, blocks.distance / range_km))
-    observed = blocks.observed
-    covariance = np.where(observed[:, :, None] & observed[:, None, :], partial_sill * correlation, 0.0)
-    diagonal = np.arange(covariance.shape[1])
-    # a floor keeps coincident sites and a zero nugget from a singular system
-    white = max(nugget, _NUGGET_FLOOR * (partial_sill + nugget))
-    covariance[:, diagonal, diagonal] = np.where(observed, partial_sill + white, 1.0)
-    neighbour_cov = covariance[:, 1:, 1:]
-    cross = covariance[:, 1:, 0]
-    weights = np.linalg.solve(neighbour_cov, cross[:, :, None])[:, :, 0]
-    variance = covariance[:, 0, 0] - np.einsum("gk,gk->g", weights, cross)
-    variance = np.maximum(variance, _NUGGET_FLOOR * (partial_sill + nugget))
-    products = blocks.cross_products
-    squared_error = (products[:, 0, 0] - 2.0 * np.einsum("gk,gk->g", weights, products[:, 1:, 0])
-                     + np.einsum("gk,gkl,gl->g", weights, products[:, 1:, 1:], weights))
-    return float(np.sum(blocks.counts * np.log(variance) + squared_error / variance) / blocks.counts.sum())
+    covariance, _ = _local_system(blocks, correlation, partial_sill, nugget)
+    weights = np.linalg.solve(covariance[:, 1:, 1:], covariance[:, 1:, 0][:, :, None])[:, :, 0]
+    return _local_terms(blocks, covariance, weights, _NUGGET_FLOOR * (partial_sill + nugget))[0]
 
 
 def _local_negative_loglik_gradient(blocks, kind, sill, fraction, log_range):
@@ -665,54 +680,39 @@ def _local_negative_loglik_gradient(blocks, kind, sill, fraction, log_range):
     With ``A`` the neighbours' covariance, ``c`` the cross covariance, ``s`` the centre's
     variance, ``w = A^-1 c`` and ``v = s - c.w``: ``dv = ds - 2 dc.w + w^T dA w`` and,
     with ``q = A^-1 (P w - p)`` (``P``, ``p`` the neighbours' and cross products),
-    ``dSE = 2 (dc - dA w).q``; one further solve for ``q`` replaces the two extra
-    likelihoods per step of a difference quotient.
+    ``dSE = 2 (dc - dA w).q``; one inverse of ``A`` gives ``w`` and ``q``, where a
+    difference quotient would take two more likelihoods per step.
     """
     partial_sill, range_km, nugget = sill * (1.0 - fraction), float(np.exp(log_range)), sill * fraction
     scaled = blocks.distance / range_km
     correlation = _per_block(blocks, _correlation(kind, scaled))
-    # d rho / d log(range)
-    if kind == "exponential":
-        by_log_range = _per_block(blocks, scaled * np.exp(-scaled))
-    else:
-        by_log_range = _per_block(blocks, 3.0 * scaled**2 * np.exp(-_SQRT3 * scaled))
-    observed = blocks.observed
-    pairs = observed[:, :, None] & observed[:, None, :]
-    covariance = np.where(pairs, partial_sill * correlation, 0.0)
-    white = max(nugget, _NUGGET_FLOOR * sill)
+    covariance, pairs = _local_system(blocks, correlation, partial_sill, nugget)
+    # derivatives of the covariance in fraction and in log(range); the diagonal, partial
+    # sill plus nugget, is the sill whatever the split (below the floor the nugget is
+    # held at it; the derivative is the one from above, where the optimiser goes from a
+    # zero nugget)
     diagonal = np.arange(covariance.shape[1])
-    covariance[:, diagonal, diagonal] = np.where(observed, partial_sill + white, 1.0)
-    # derivatives of the covariance in fraction and in log(range)
     by_fraction = np.where(pairs, -sill * correlation, 0.0)
-    # the diagonal, partial sill plus nugget, is the sill whatever the split (below the
-    # floor the nugget is held at it; the derivative is the one from above, where the
-    # optimiser goes from a zero nugget)
     by_fraction[:, diagonal, diagonal] = 0.0
-    by_range = np.where(pairs, partial_sill * by_log_range, 0.0)
+    by_range = np.where(pairs, partial_sill * _per_block(blocks, _correlation_log_range_derivative(kind, scaled)),
+                        0.0)
     by_range[:, diagonal, diagonal] = 0.0
 
-    neighbour_cov, cross = covariance[:, 1:, 1:], covariance[:, 1:, 0]
-    # one inverse serves the weights and the adjoint below
-    inverse = np.linalg.inv(neighbour_cov)
-    weights = np.einsum("gkl,gl->gk", inverse, cross)
-    raw_variance = covariance[:, 0, 0] - np.einsum("gk,gk->g", weights, cross)
-    variance_floor = _NUGGET_FLOOR * (partial_sill + nugget)
-    variance = np.maximum(raw_variance, variance_floor)
+    inverse = np.linalg.inv(covariance[:, 1:, 1:])
+    weights = np.einsum("gkl,gl->gk", inverse, covariance[:, 1:, 0])
+    floor = _NUGGET_FLOOR * sill
+    value, raw_variance, variance, squared_error = _local_terms(blocks, covariance, weights, floor)
     products = blocks.cross_products
-    explained = np.einsum("gkl,gl->gk", products[:, 1:, 1:], weights) - products[:, 1:, 0]
-    squared_error = products[:, 0, 0] - 2.0 * np.einsum("gk,gk->g", weights, products[:, 1:, 0]) \
-        + np.einsum("gk,gk->g", weights, explained + products[:, 1:, 0])
+    adjoint = np.einsum("gkl,gl->gk", inverse,
+                        np.einsum("gkl,gl->gk", products[:, 1:, 1:], weights) - products[:, 1:, 0])
     counts, total = blocks.counts, blocks.counts.sum()
-    value = float(np.sum(counts * np.log(variance) + squared_error / variance) / total)
-    adjoint = np.einsum("gkl,gl->gk", inverse, explained)
     gradient = []
     for derivative in (by_fraction, by_range):
         d_cross, d_neighbours = derivative[:, 1:, 0], derivative[:, 1:, 1:]
-        d_weights_rhs = d_cross - np.einsum("gkl,gl->gk", d_neighbours, weights)
         d_variance = derivative[:, 0, 0] - 2.0 * np.einsum("gk,gk->g", d_cross, weights) \
             + np.einsum("gk,gkl,gl->g", weights, d_neighbours, weights)
-        d_variance = np.where(raw_variance > variance_floor, d_variance, 0.0)
-        d_error = 2.0 * np.einsum("gk,gk->g", d_weights_rhs, adjoint)
+        d_variance = np.where(raw_variance > floor, d_variance, 0.0)
+        d_error = 2.0 * np.einsum("gk,gk->g", d_cross - np.einsum("gkl,gl->gk", d_neighbours, weights), adjoint)
         gradient.append(float(np.sum((counts / variance - squared_error / variance**2) * d_variance
                                      + d_error / variance) / total))
     return value, np.array(gradient)
@@ -1012,7 +1012,7 @@ def fit_fine_scale(remainders, coords, kind="exponential", *, geographic=False, 
         # and is most of the fit's cost when many candidate models are fitted
         partial_sill, range_km, nugget = parameters(x)
         correlation = _correlation(kind, distance / range_km)
-        by_range = -partial_sill * _correlation_range_derivative(kind, distance, range_km)
+        by_range = -partial_sill * _correlation_log_range_derivative(kind, distance / range_km) / range_km
         if sill == "pooled":
             model_derivative = np.stack([total * correlation, by_range], axis=1)
         else:
