@@ -286,9 +286,9 @@ def test_posterior_time_by_time_equals_pattern_by_pattern(monkeypatch):
     data = rng.normal(size=(50, 40))
     data[rng.random(data.shape) < 0.1] = np.nan
     data[3] = np.nan
-    assert engine.prefers_posterior_by_time(data, 3)
+    assert engine.prefers_posterior_by_time(data)
     by_time = engine._low_rank_krige(data, loadings, eigenvalues, 0.4, targets, return_remainders=True)
-    monkeypatch.setattr(engine, "prefers_posterior_by_time", lambda centred, rank: False)
+    monkeypatch.setattr(engine, "prefers_posterior_by_time", lambda centred: False)
     by_pattern = engine._low_rank_krige(data, loadings, eigenvalues, 0.4, targets, return_remainders=True)
     for name in ("mean", "variance", "scores", "remainders"):
         np.testing.assert_allclose(getattr(by_time, name), getattr(by_pattern, name), atol=1e-12)

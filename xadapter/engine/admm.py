@@ -99,6 +99,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .basis import LAZY_GRAM_MAX_SITES, DataOperator, solve_basis, subspace_distance
+from .kriging import masked_grams
 from .checks import nonnegative as _nonnegative
 from .progress import progress_bar
 from .chunks import centred_moments, compute, is_lazy
@@ -399,8 +400,8 @@ def conditional_fill(values, missing, level, basis, relaxation=1.0):
         chunk = rows[start:start + step]
         gaps = missing[chunk]
         centred = np.where(gaps, 0.0, values[chunk] - level[chunk])
-        # Phi_o^T Phi_o = I - Phi_u^T Phi_u: the gaps are usually the smaller part
-        gram = np.eye(rank) - np.matmul((gaps[:, :, None] * basis[None]).transpose(0, 2, 1), basis)
+        # Phi_o^T Phi_o = I - Phi_u^T Phi_u, with Phi orthonormal
+        gram = np.eye(rank) - masked_grams(gaps, basis)
         eigenvalues, vectors = np.linalg.eigh(gram)
         inverse = np.where(eigenvalues > 1e-8, 1.0 / np.maximum(eigenvalues, 1e-8), 0.0)
         rotated = np.einsum("bjk,bj->bk", vectors, centred @ basis) * inverse

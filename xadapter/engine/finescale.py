@@ -1428,7 +1428,7 @@ def krige_with_fine_scale(data, loadings, eigenvalues, params, coords, *, target
     prior_low_rank = np.einsum("pk,k,pk->p", target_loadings, eigenvalues, target_loadings)
     predicted = np.zeros((n_times, n_targets))
     variance = np.broadcast_to(prior_low_rank + params.partial_sill + nugget, (n_times, n_targets)).copy()
-    if params.partial_sill == 0 and eigenvalues.size and prefers_posterior_by_time(centred, eigenvalues.size):
+    if params.partial_sill == 0 and eigenvalues.size and prefers_posterior_by_time(centred):
         # no fine-scale correlation: the remainders carry nothing to the targets (zero
         # kriging weights) and the local precision is 1 / sill exactly, so only the
         # scores' posterior is left, solved for all times at once where nearly every

@@ -251,23 +251,27 @@ def observation_patterns(data, skip_empty=True):
             yield np.flatnonzero(inverse == index), sites
 
 
-#: Largest ``N x L^2`` table of loading products :func:`white_posterior_by_time` forms.
-_OUTER_ENTRIES = 4_000_000
-
-
-def prefers_posterior_by_time(centred, rank):
+def prefers_posterior_by_time(centred):
     """Whether the scores' posterior is better solved time by time than pattern by pattern.
 
     Per pattern it costs one ``L x L`` system and a Python round per distinct pattern of
-    gaps; per time, one matrix product for all times and a batched inverse. Gaps at
-    random give nearly as many patterns as times (a daily network: ~670 systems in a
+    gaps; per time, a batched product and inverse over blocks of times. Gaps at random
+    give nearly as many patterns as times (a daily network: ~670 systems in a
     cross-validation), complete data one pattern.
     """
     observed = ~np.isnan(centred)
-    if observed.all() or centred.shape[1] * rank * rank > _OUTER_ENTRIES:
+    if observed.all():
         return False
     n_patterns = np.unique(observed, axis=0).shape[0]
     return n_patterns > centred.shape[0] // 4
+
+
+def masked_grams(mask, loadings):
+    """``B^T diag(m_t) B`` for each row ``m_t`` of ``mask`` (R, N); shape (R, L, L).
+
+    Forms an ``R x N x L`` temporary: callers bound ``R``.
+    """
+    return np.matmul((mask[:, :, None] * loadings[None]).transpose(0, 2, 1), loadings)
 
 
 def white_posterior_by_time(centred, loadings, eigenvalues, precision):
@@ -276,8 +280,8 @@ def white_posterior_by_time(centred, loadings, eigenvalues, precision):
     Per time ``t`` with observed sites ``O_t``: covariance
     ``G_t = D (I + q D B_O^T B_O D)^{-1} D`` (``D = Lambda^{1/2}``, as
     :func:`score_posterior`) and mean ``q r_O B_O G_t``. ``B_O^T B_O`` of every time is one
-    product of the observation mask with the ``N x L^2`` table of loading products. A
-    time with no observation keeps the prior (``G_t = Lambda``, mean 0).
+    batched product over a block of times (:func:`masked_grams`). A time with no
+    observation keeps the prior (``G_t = Lambda``, mean 0).
 
     Parameters
     ----------
@@ -303,13 +307,12 @@ def white_posterior_by_time(centred, loadings, eigenvalues, precision):
     rank = eigenvalues.size
     root = np.sqrt(eigenvalues)
     scaled = loadings * root  # B D
-    products = (scaled[:, :, None] * scaled[:, None, :]).reshape(n_sites, rank * rank)
     identity = np.eye(rank)
-    step = max(1, _BLOCK_ENTRIES // max(1, n_sites + rank * rank))
+    step = max(1, _BLOCK_ENTRIES // max(1, n_sites * rank + rank * rank))
     for start in range(0, n_times, step):
         rows = slice(start, min(start + step, n_times))
         observed = ~np.isnan(centred[rows])
-        gram = (observed.astype(np.float64) @ products).reshape(-1, rank, rank)
+        gram = masked_grams(observed, scaled)
         # symmetric positive definite (>= I): the inverse needs no pivoting care
         inverse = np.linalg.inv(identity + precision * gram)
         projected = precision * (np.where(observed, centred[rows], 0.0) @ scaled)
@@ -351,7 +354,7 @@ def _low_rank_krige(centred, loadings, eigenvalues, white_variance, target_loadi
             remainders = centred.copy()
         return _LowRankPrediction(mean, variance, scores, remainders)
 
-    if prefers_posterior_by_time(centred, rank):
+    if prefers_posterior_by_time(centred):
         for rows, observed, row_scores, covariance in white_posterior_by_time(
                 centred, loadings, eigenvalues, 1.0 / white_variance):
             scores[rows] = row_scores
