@@ -545,8 +545,7 @@ class _LocalBlocks(NamedTuple):
 def _centre_groups(points, centres, neighbours):
     """Each centre followed by its ``neighbours`` nearest other sites, ``(C, neighbours + 1)``."""
     def compute():
-        index = np.asarray(cKDTree(points).query(points[centres], k=neighbours + 1)[1])
-        index = index.reshape(centres.size, neighbours + 1)
+        index = nearest_sites(points, points[centres], neighbours + 1)
         # a coincident site may come first in the query: put the centre itself first
         return (np.stack([np.concatenate([[site], group[group != site][:neighbours]])
                           for site, group in zip(centres, index)]),)
@@ -1166,8 +1165,11 @@ def _neighbour_distances(observed_points, target_points, neighbour_index, geogra
     return _GEOMETRY_CACHE.get(key, neighbour_index.size * neighbour_index.shape[1] * 8, compute)
 
 
-def _nearest(points, queries, k):
-    """Positions ``(q, k)`` of the ``k`` nearest ``points`` to each of ``queries``."""
+def nearest_sites(points, queries, k):
+    """Positions ``(q, k)`` of the ``k`` nearest ``points`` to each of ``queries`` (cached
+    by content, read-only)."""
+    points, queries = np.asarray(points, dtype=np.float64), np.asarray(queries, dtype=np.float64)
+
     def compute():
         _, index = cKDTree(points).query(queries, k=k)
         return (np.asarray(index).reshape(queries.shape[0], k),)
@@ -1197,7 +1199,7 @@ def _neighbour_weights(observed_points, target_points, k, n_times, params, geogr
     """
     k_here = min(k, observed_points.shape[0])
     for part in _target_blocks(target_points.shape[0], k_here, n_times, observed_points.shape[1]):
-        neighbour_index = _nearest(observed_points, target_points[part], k_here)
+        neighbour_index = nearest_sites(observed_points, target_points[part], k_here)
         weights, covariance = _local_weights(observed_points, target_points[part], neighbour_index,
                                              params, geographic)
         yield part, neighbour_index, weights, covariance
@@ -1306,7 +1308,7 @@ def _local_precision(points, params, k, geographic):
     k = min(k, n_sites - 1)
     if k < 1 or params.partial_sill == 0:
         return sp.identity(n_sites, format="csr") / params.sill
-    index = _nearest(points, points, k + 1)
+    index = nearest_sites(points, points, k + 1)
     others = index != np.arange(n_sites)[:, None]
     others[others.all(axis=1), -1] = False  # a coincident site pushed the site itself out
     index = index[others].reshape(n_sites, k)

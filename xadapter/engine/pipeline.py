@@ -341,7 +341,7 @@ class _Run:
                     if _stop_early(scored):
                         break
                 for candidate in ranks:
-                    keep = covariance.effective_rank if candidate is None else min(candidate, covariance.effective_rank)
+                    keep = _kept_rank(candidate, covariance.effective_rank)
                     if keep not in scored:
                         skipped.add((tau1, candidate))  # beyond the early stop: not a choice
                         continue
@@ -380,10 +380,15 @@ class _Run:
         )
 
 
+def _kept_rank(candidate, effective_rank):
+    """Components a candidate rank keeps (None: the spectral rule's)."""
+    return effective_rank if candidate is None else min(candidate, effective_rank)
+
+
 def _ranks_to_score(ranks, effective_rank):
     """Distinct kept ranks of the candidates, ascending: candidates above the effective
     rank keep the same components and share one score."""
-    return sorted({effective_rank if candidate is None else min(candidate, effective_rank) for candidate in ranks})
+    return sorted({_kept_rank(candidate, effective_rank) for candidate in ranks})
 
 
 def _stop_early(scored, patience=None):

@@ -27,7 +27,7 @@ from scipy.stats import norm
 
 from ..exceptions import InputError
 from .extend import extend_basis
-from .finescale import krige_with_fine_scale
+from .finescale import krige_with_fine_scale, nearest_sites
 from .kriging import krige
 from .metrics import crps_gaussian
 from .progress import progress_bar
@@ -223,7 +223,7 @@ def variance_ratio_at(target_planar, site_planar, squared_error, model_variance,
     if not pooled > 0:  # no model variance or no error to compare: nothing to rescale
         return np.ones(len(target_planar))
     effective = count / ratio_overdispersion(site_planar, squared_error, model_variance, count, neighbours)
-    index = _nearest(site_planar, target_planar, neighbours)
+    index = nearest_sites(site_planar, target_planar, min(int(neighbours), len(site_planar)))
     error, var = squared_error[index].sum(axis=1), model_variance[index].sum(axis=1)
     n = effective[index].sum(axis=1)
     relative = np.where(var > 0, error / np.where(var > 0, var, 1.0), pooled) / pooled
@@ -264,7 +264,7 @@ def ratio_overdispersion(site_planar, squared_error, model_variance, count, neig
     n_sites = len(site_planar)
     if n_sites < 3:
         return 1.0
-    index = _nearest(site_planar, site_planar, min(int(neighbours), n_sites - 1) + 1)[:, 1:]
+    index = nearest_sites(site_planar, site_planar, min(int(neighbours), n_sites - 1) + 1)[:, 1:]
     local_var = model_variance[index].sum(axis=1)
     usable = (local_var > 0) & (model_variance > 0) & (count > 0)
     if not usable.any():
@@ -283,13 +283,6 @@ def ratio_overdispersion(site_planar, squared_error, model_variance, count, neig
         relative[both] = np.exp(log_relative)
         scatter = count[usable] * (relative - 1.0) ** 2 / 2.0
     return float(max(1.0, np.mean(scatter)))
-
-
-def _nearest(site_planar, target_planar, neighbours):
-    """Indices ``(P, k)`` of the ``k`` nearest fitted sites of each target."""
-    neighbours = min(int(neighbours), len(site_planar))
-    _, index = cKDTree(site_planar).query(target_planar, k=neighbours)
-    return np.asarray(index).reshape(len(target_planar), -1)
 
 
 def coverage_by_distance(cv, ratios=None, *, level=0.9, n_bins=4):
