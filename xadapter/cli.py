@@ -442,6 +442,12 @@ def _fit(args):
     return 0
 
 
+def _record_command(dataset, args):
+    """The CF ``history`` attribute: when and by which command ``dataset`` was written."""
+    stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    dataset.attrs["history"] = f"{stamp}: {shlex.join(['xadapter'] + args.argv)}"
+
+
 def _add_targets(parser, verb, at_default, grid_note=""):
     """``--at`` / ``--grid`` (one or the other) and ``--level`` of the kriging and forecast commands."""
     where = parser.add_mutually_exclusive_group()
@@ -519,9 +525,7 @@ def _krige(args):
         kriged = adapter.krige(observed, at=targets, level=args.level, include_noise=not args.no_noise,
                                covariates=covariates)
         kriged = _cf_output(kriged, adapter.state.attrs["time_dim"], targets, observed, adapter.state)
-        command = shlex.join(["xadapter"] + args.argv)
-        stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-        kriged.attrs["history"] = f"{stamp}: {command}"
+        _record_command(kriged, args)
         from .io.netcdf import atomic_to_netcdf
 
         # a dask-backed result (--chunks) is computed chunk by chunk while it is written
@@ -542,8 +546,7 @@ def _forecast(args):
     start = time.perf_counter()
     forecast = adapter.forecast(args.steps, at=targets, level=args.level)
     forecast = _cf_output(forecast, adapter.state.attrs["time_dim"], targets, adapter.state)
-    stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    forecast.attrs["history"] = f"{stamp}: {shlex.join(['xadapter'] + args.argv)}"
+    _record_command(forecast, args)
     from .io.netcdf import atomic_to_netcdf
 
     atomic_to_netcdf(forecast, output)
