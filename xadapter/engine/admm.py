@@ -401,15 +401,39 @@ def conditional_fill(values, missing, level, basis, relaxation=1.0):
         gaps = missing[chunk]
         centred = np.where(gaps, 0.0, values[chunk] - level[chunk])
         # Phi_o^T Phi_o = I - Phi_u^T Phi_u, with Phi orthonormal
-        gram = np.eye(rank) - masked_grams(gaps, basis)
-        eigenvalues, vectors = np.linalg.eigh(gram)
-        inverse = np.where(eigenvalues > 1e-8, 1.0 / np.maximum(eigenvalues, 1e-8), 0.0)
-        rotated = np.einsum("bjk,bj->bk", vectors, centred @ basis) * inverse
-        scores = np.einsum("bkj,bj->bk", vectors, rotated)
+        missed = masked_grams(gaps, basis)
+        scores = _least_squares_scores(np.eye(rank) - missed, centred @ basis,
+                                       np.trace(missed, axis1=1, axis2=2))
         block = values[chunk]
         target = (level[chunk] + scores @ basis.T)[gaps]
         block[gaps] += relaxation * (target - block[gaps])
         values[chunk] = block
+
+
+#: Rows whose missing sites hold at most this much of the basis' squared norm are solved
+#: directly (the least eigenvalue of their Gram is then at least ``1 - this``).
+_DIRECT_SOLVE_MISSED = 0.9
+
+
+def _least_squares_scores(gram, projected, missed):
+    """Minimum-norm solutions of ``gram_b s_b = projected_b``, eigenvalues below 1e-8 dropped.
+
+    ``gram = I - M`` with ``M`` positive semi-definite of trace ``missed``, so its
+    eigenvalues are at least ``1 - missed``: rows with a small ``missed`` are far from
+    singular and take a batched LU solve, several times cheaper than the eigen-
+    decomposition the others need to drop null directions (a basis column whose sites
+    are all missing in that row).
+    """
+    scores = np.empty_like(projected)
+    direct = missed <= _DIRECT_SOLVE_MISSED
+    if direct.any():
+        scores[direct] = np.linalg.solve(gram[direct], projected[direct][:, :, None])[:, :, 0]
+    if not direct.all():
+        eigenvalues, vectors = np.linalg.eigh(gram[~direct])
+        inverse = np.where(eigenvalues > 1e-8, 1.0 / np.maximum(eigenvalues, 1e-8), 0.0)
+        rotated = np.einsum("bjk,bj->bk", vectors, projected[~direct]) * inverse
+        scores[~direct] = np.einsum("bkj,bj->bk", vectors, rotated)
+    return scores
 
 
 def _k_window_sums(block, rows, local, covariates, theta, w_mean, basis):

@@ -510,22 +510,45 @@ def _correlation_log_range_derivative(kind, scaled_distance):
     return 3.0 * x**2 * np.exp(-_SQRT3 * x)
 
 
-def _starting_points(variogram, sill, bounds):
-    """A small grid of starting values around robust guesses (nugget, partial sill, range)."""
-    distance, gamma = variogram.distance, variogram.semivariance
-    if distance.size >= 2 and distance[1] > distance[0]:
-        slope = (gamma[1] - gamma[0]) / (distance[1] - distance[0])
-        nugget_guess = gamma[0] - slope * distance[0]
+#: The grid of :func:`_grid_start`: ranges (geometric between the bounds) and nugget
+#: fractions of the sill.
+_START_GRID_RANGES = 16
+_START_GRID_FRACTIONS = np.linspace(0.0, 0.95, 20)
+
+
+def _grid_start(kind, distance, gamma, counts, weights, bounds, sill_bounds=None, sill=None):
+    """The best ``(partial_sill, range_km, nugget)`` of a grid, the start of the least squares.
+
+    For a range and a nugget fraction ``f`` the model is ``S g(h)`` with
+    ``g = f + (1 - f)(1 - rho(h / ell))``; the best sill ``S`` is closed-form (Cressie
+    weights: ``1/S = sum n a / sum n a^2`` with ``a = gamma / g``; pair counts:
+    ``S = sum n gamma g / sum n g^2``), clipped to ``sill_bounds``, or ``sill`` when
+    given. So one vectorised pass scores a grid of ranges and fractions, and a single
+    local search from its best point replaces a search from each of several starts:
+    the grid is finer than such starts could afford, so it finds the basin of the best
+    fit at least as reliably.
+    """
+    ranges = np.geomspace(bounds[0], bounds[1], _START_GRID_RANGES)
+    fractions = _START_GRID_FRACTIONS
+    shape = (1.0 - _correlation(kind, distance[None, :] / ranges[:, None]))[:, None, :]  # (R, 1, B)
+    g = np.maximum(fractions[None, :, None] + (1.0 - fractions[None, :, None]) * shape, 1e-12)  # (R, F, B)
+    n = counts / counts.sum()
+    if sill is None:
+        if weights == "cressie":
+            a = gamma / g
+            total = np.sum(n * a**2, axis=-1) / np.maximum(np.sum(n * a, axis=-1), 1e-300)
+        else:
+            total = np.sum(n * gamma * g, axis=-1) / np.sum(n * g**2, axis=-1)
+        total = np.clip(total, *sill_bounds)
     else:
-        nugget_guess = gamma[0]
-    nugget_fraction = float(np.clip(nugget_guess / sill, 0.05, 0.95))
-    low, high = bounds
-    ranges = np.geomspace(low, high, 5)[1:-1]
-    starts = []
-    for fraction in sorted({nugget_fraction, 0.1, 0.5}):
-        for range_km in ranges:
-            starts.append((sill * (1.0 - fraction), range_km, sill * fraction))
-    return starts
+        total = np.full(g.shape[:2], float(sill))
+    model = np.maximum(total[:, :, None] * g, 1e-300)
+    if weights == "cressie":
+        cost = np.sum(n * (gamma / model - 1.0) ** 2, axis=-1)
+    else:
+        cost = np.sum(n * (gamma - model) ** 2, axis=-1)
+    i, j = np.unravel_index(np.argmin(cost), cost.shape)
+    return total[i, j] * (1.0 - fractions[j]), float(ranges[i]), total[i, j] * fractions[j]
 
 
 class _LocalBlocks(NamedTuple):
@@ -873,8 +896,8 @@ def fit_fine_scale(remainders, coords, kind="exponential", *, geographic=False, 
        fitted to the binned empirical one (:func:`empirical_variogram`) by weighted
        least squares with bounds ``eta^2, tau^2 >= 0`` and ``ell`` between the first
        and the last bin distance, and not below half the median nearest-neighbour
-       spacing of the sites, from a small grid of starting values (the best fit is
-       kept).
+       spacing of the sites, from the best point of a grid of ranges and nugget
+       fractions with the sill in closed form (:func:`_grid_start`).
     2. The split of that sill into nugget and partial sill, and the range
        (``split="local"``): a Vecchia-type local likelihood, pooled over time, of each
        site given its ``local_neighbours`` nearest observed sites, on a random
@@ -1025,24 +1048,23 @@ def fit_fine_scale(remainders, coords, kind="exponential", *, geographic=False, 
             factor = -root_counts / scale
         return factor[:, None] * model_derivative
 
-    best = None
+    upper_sill = 10.0 * max(float(gamma.max()), total) / scale
     if start is None:
-        starts = _starting_points(variogram, total, range_bounds)
+        partial_sill, range_km, nugget = _grid_start(
+            kind, distance, gamma, counts, weights, range_bounds, sill_bounds=(0.0, upper_sill * scale),
+            sill=total if sill == "pooled" else None)
     else:
-        starts = [(start.partial_sill, float(np.clip(start.range_km, *range_bounds)), start.nugget)]
-    for partial_sill, range_km, nugget in starts:
-        if sill == "pooled":
-            x0 = [nugget / total, range_km]
-            lower, upper = [0.0, range_bounds[0]], [1.0, range_bounds[1]]
-        else:
-            x0 = [partial_sill / scale, range_km, nugget / scale]
-            upper_sill = 10.0 * max(float(gamma.max()), total) / scale
-            lower, upper = [0.0, range_bounds[0], 0.0], [upper_sill, range_bounds[1], upper_sill]
-        x0 = np.clip(x0, lower, upper)
-        result = least_squares(residuals, x0, jac=jacobian, bounds=(lower, upper),
-                               x_scale=np.abs(np.asarray(upper)) + 1e-12, method="trf", **_TIGHT_LSQ)
-        if best is None or (result.cost, tuple(result.x)) < (best.cost, tuple(best.x)):
-            best, best_bounds = result, (np.asarray(lower, dtype=np.float64), np.asarray(upper, dtype=np.float64))
+        partial_sill, range_km, nugget = start.partial_sill, float(np.clip(start.range_km, *range_bounds)), start.nugget
+    if sill == "pooled":
+        x0 = [nugget / total, range_km]
+        lower, upper = [0.0, range_bounds[0]], [1.0, range_bounds[1]]
+    else:
+        x0 = [partial_sill / scale, range_km, nugget / scale]
+        lower, upper = [0.0, range_bounds[0], 0.0], [upper_sill, range_bounds[1], upper_sill]
+    x0 = np.clip(x0, lower, upper)
+    best = least_squares(residuals, x0, jac=jacobian, bounds=(lower, upper),
+                         x_scale=np.abs(np.asarray(upper)) + 1e-12, method="trf", **_TIGHT_LSQ)
+    best_bounds = (np.asarray(lower, dtype=np.float64), np.asarray(upper, dtype=np.float64))
     # polish in coordinates scaled to the bounds, where one difference step suits all
     x_scale = np.abs(best_bounds[1]) + 1e-12
     polished = best.x / x_scale if start is not None else \

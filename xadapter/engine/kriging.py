@@ -34,6 +34,9 @@ from ..exceptions import InputError
 # Entries of a (times x targets) block computed at once (bounds temporaries at ~32 MB).
 _BLOCK_ENTRIES = 4_000_000
 
+#: Entries of the sites' outer-product table formed at a time by :func:`masked_grams`.
+_GRAM_TABLE_ENTRIES = 2**20
+
 
 @dataclass(frozen=True)
 class KrigingResult:
@@ -269,9 +272,21 @@ def prefers_posterior_by_time(centred):
 def masked_grams(mask, loadings):
     """``B^T diag(m_t) B`` for each row ``m_t`` of ``mask`` (R, N); shape (R, L, L).
 
-    Forms an ``R x N x L`` temporary: callers bound ``R``.
+    One matrix product of the mask with the table of the sites' outer products
+    ``b_i b_i^T`` (N, L^2), taken over slabs of sites so that at most
+    :data:`_GRAM_TABLE_ENTRIES` table entries exist at a time: a few times cheaper than
+    the batched product ``(m_t * B)^T B``, which also forms an ``R x N x L`` temporary.
     """
-    return np.matmul((mask[:, :, None] * loadings[None]).transpose(0, 2, 1), loadings)
+    n_rows, n_sites = mask.shape
+    rank = loadings.shape[1]
+    weights = np.asarray(mask, dtype=loadings.dtype)
+    grams = np.zeros((n_rows, rank * rank), dtype=np.result_type(loadings.dtype, np.float64))
+    step = max(1, _GRAM_TABLE_ENTRIES // max(1, rank * rank))
+    for start in range(0, n_sites, step):
+        part = loadings[start:start + step]
+        table = (part[:, :, None] * part[:, None, :]).reshape(part.shape[0], rank * rank)
+        grams += weights[:, start:start + step] @ table
+    return grams.reshape(n_rows, rank, rank)
 
 
 def white_posterior_by_time(centred, loadings, eigenvalues, precision):
