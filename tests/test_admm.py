@@ -325,6 +325,30 @@ def test_conditional_fill_minimises_the_objective_in_the_gaps(n_observed):
     assert np.all(np.isfinite(values))
 
 
+def test_fill_scores_equal_the_minimum_norm_least_squares_scores():
+    """Rows solved directly (few gaps) and by eigendecomposition (a basis column whose
+    sites are all missing) both give the minimum-norm least-squares scores."""
+    from xadapter.engine.admm import _least_squares_scores
+    from xadapter.engine.kriging import masked_grams
+
+    n_sites, rank = 30, 6
+    rng = np.random.default_rng(4)
+    basis = _orthonormal(n_sites, rank, 3)
+    basis[:, 0] = 0.0
+    basis[:3, 0] = 1.0 / np.sqrt(3.0)  # a column living on three sites
+    basis, _ = np.linalg.qr(basis)
+    missing = rng.random((40, n_sites)) < 0.08
+    missing[:5, :3] = True  # the column unobserved: singular Gram
+    missing[5:10] = rng.random((5, n_sites)) < 0.6  # many gaps
+    centred = np.where(missing, 0.0, rng.normal(size=(40, n_sites)))
+    missed = masked_grams(missing, basis)
+    scores = _least_squares_scores(np.eye(rank) - missed, centred @ basis, np.trace(missed, axis1=1, axis2=2))
+    for row in range(40):
+        observed = basis[~missing[row]]
+        expected = np.linalg.lstsq(observed, centred[row, ~missing[row]], rcond=1e-8)[0]
+        np.testing.assert_allclose(scores[row], expected, atol=1e-9)
+
+
 def test_over_relaxed_fill_moves_past_the_minimiser_by_the_factor():
     from xadapter.engine.admm import conditional_fill
 

@@ -600,6 +600,57 @@ def test_kriging_without_fine_scale_correlation_equals_the_dense_reference(inclu
     np.testing.assert_array_equal(mean[3], 0.0)
 
 
+def _blocks_by_hand(remainders, points, neighbours, max_centres, max_blocks, rng, coverage):
+    """Local-likelihood blocks time by time: (group, pattern, count, cross products)."""
+    counts = np.sum(~np.isnan(remainders), axis=0)
+    repeated = counts >= 2
+    centred = remainders.copy()
+    centred[:, repeated] -= np.nanmean(remainders[:, repeated], axis=0)
+    centres = rng.permutation(remainders.shape[1])[:max_centres]
+    per_centre = max(1, max_blocks // centres.size)
+    blocks = []
+    for group in fs._centre_groups(points, centres, neighbours):
+        patterns = {}
+        for row in centred[:, group]:
+            if np.isnan(row[0]):
+                continue
+            key = tuple(~np.isnan(row))
+            filled = np.where(np.isnan(row), 0.0, row)
+            products, count = patterns.get(key, (0.0, 0))
+            patterns[key] = (products + np.outer(filled, filled), count + 1)
+        ranked = sorted(sorted(patterns), key=lambda key: -patterns[key][1])  # stable: ties by pattern
+        total, held, kept = sum(count for _, count in patterns.values()), 0, []
+        for key in ranked[:per_centre]:
+            if held >= coverage * total:
+                break
+            kept.append(key)
+            held += patterns[key][1]
+        blocks += [(group, key, patterns[key][1], patterns[key][0]) for key in sorted(kept)]
+    return blocks
+
+
+@pytest.mark.parametrize("coverage, max_blocks", [(1.0, 4000), (0.9, 4000), (0.5, 4000), (0.9, 150)])
+def test_local_blocks_equal_sums_time_by_time(coverage, max_blocks):
+    """The vectorised gathering of the local likelihood's blocks equals a time-by-time
+    sum per (centre, pattern of observed neighbours); patterns kept most frequent first
+    up to the coverage and the cap; a site never observed gives no block."""
+    rng = np.random.default_rng(3)
+    points = rng.uniform(0.0, 500.0, (60, 2))
+    remainders = rng.normal(size=(40, 60))
+    remainders[rng.random(remainders.shape) < 0.15] = np.nan
+    remainders[:, 5] = np.nan
+    blocks = fs._local_blocks(remainders, points, False, 6, 50, max_blocks, np.random.default_rng(1), coverage)
+    expected = _blocks_by_hand(remainders, points, 6, 50, max_blocks, np.random.default_rng(1), coverage)
+    assert blocks.counts.size == len(expected)
+    for index, (group, pattern, count, products) in enumerate(expected):
+        assert tuple(blocks.observed[index]) == pattern
+        assert blocks.counts[index] == count
+        np.testing.assert_allclose(blocks.cross_products[index], products, atol=1e-12)
+        # the block's geometry is its own group's
+        np.testing.assert_allclose(blocks.distance[blocks.centre[index]], cdist(points[group], points[group]),
+                                   atol=1e-9)
+
+
 @pytest.mark.parametrize("kind", ["exponential", "matern32"])
 @pytest.mark.parametrize("gaps", [0.0, 0.15])
 def test_local_likelihood_gradient_matches_differences(kind, gaps):

@@ -410,22 +410,25 @@ def conditional_fill(values, missing, level, basis, relaxation=1.0):
         values[chunk] = block
 
 
-#: Rows whose missing sites hold at most this much of the basis' squared norm are solved
-#: directly (the least eigenvalue of their Gram is then at least ``1 - this``).
-_DIRECT_SOLVE_MISSED = 0.9
+#: Rows whose Gram has a lower bound on its least eigenvalue above this are solved
+#: directly (:func:`_least_squares_scores`).
+_DIRECT_SOLVE_EIGENVALUE = 0.1
 
 
 def _least_squares_scores(gram, projected, missed):
     """Minimum-norm solutions of ``gram_b s_b = projected_b``, eigenvalues below 1e-8 dropped.
 
-    ``gram = I - M`` with ``M`` positive semi-definite of trace ``missed``, so its
-    eigenvalues are at least ``1 - missed``: rows with a small ``missed`` are far from
+    ``gram = I - M`` with ``M`` positive semi-definite of trace ``missed``. Rows whose
+    least eigenvalue is bounded away from 0 (by ``1 - missed``, or by Gershgorin's
+    discs: ``gram`` is near the identity when few sites are missing) are far from
     singular and take a batched LU solve, several times cheaper than the eigen-
     decomposition the others need to drop null directions (a basis column whose sites
     are all missing in that row).
     """
     scores = np.empty_like(projected)
-    direct = missed <= _DIRECT_SOLVE_MISSED
+    diagonal = np.diagonal(gram, axis1=1, axis2=2)
+    discs = np.min(2.0 * diagonal - np.abs(gram).sum(axis=2), axis=1)
+    direct = np.maximum(1.0 - missed, discs) >= _DIRECT_SOLVE_EIGENVALUE
     if direct.any():
         scores[direct] = np.linalg.solve(gram[direct], projected[direct][:, :, None])[:, :, 0]
     if not direct.all():

@@ -124,6 +124,9 @@ _SQRT3 = np.sqrt(3.0)
 #: sill into nugget and partial sill (see :func:`fit_fine_scale`).
 LOCAL_NEIGHBOURS = 8
 
+# Patterns of observed neighbours are coded in the bits of an int64 with the centre index.
+_LOCAL_MAX_NEIGHBOURS = 40
+
 #: Coarse grid of nugget fractions and (log-spaced) ranges that chooses the start of the
 #: local-likelihood optimisation (see :func:`_split_sill_locally`).
 _SPLIT_GRID_FRACTIONS = (0.05, 0.35, 0.65, 0.95)
@@ -136,6 +139,13 @@ LOCAL_MAX_CENTRES = 1000
 #: Largest number of (site, pattern of observed neighbours) blocks in the local
 #: likelihood (~1.5 kB each).
 LOCAL_MAX_BLOCKS = 4000
+
+#: Share of a centre's observed times held by the patterns of observed neighbours it
+#: keeps in the local likelihood, most frequent first (see :func:`_local_blocks`).
+LOCAL_PATTERN_COVERAGE = 0.9
+
+# Entries of the (times x centres x group x group) outer products gathered at a time.
+_LOCAL_GATHER_ENTRIES = 2**22
 
 #: Fitted correlation at the typical nearest-neighbour distance below which the data
 #: cannot tell the nugget from the partial sill (the neighbours carry no information).
@@ -577,17 +587,20 @@ def _centre_groups(points, centres, neighbours):
     return _GEOMETRY_CACHE.get(key, centres.size * (neighbours + 1) * 8, compute)[0]
 
 
-def _local_blocks(remainders, points, geographic, neighbours, max_centres, max_blocks, rng):
+def _local_blocks(remainders, points, geographic, neighbours, max_centres, max_blocks, rng,
+                  coverage=LOCAL_PATTERN_COVERAGE):
     """Gather the local-likelihood statistics.
 
     At most ``max_centres`` centre sites, drawn at random from the locations only
     (all sites when fewer); many centres matter more than many patterns, because the
     fine-scale variance differs from region to region and a few centres would give a
-    regional estimate. Each centre keeps its ``max_blocks // n_centres`` most
-    frequent patterns of observed neighbours (at least one): the selection depends on
-    where data are missing, never on their values. Each site's time mean is removed
-    first, as in :func:`pooled_variance`. Returns None when no centre has an observed
-    neighbour.
+    regional estimate. Each centre keeps its most frequent patterns of observed
+    neighbours, in order, until they hold ``coverage`` of its observed times, and at
+    most ``max_blocks // n_centres`` of them (at least one): each block costs a kriging
+    system per likelihood evaluation, and with gaps at random most patterns hold a
+    time or two. The selection depends on where data are missing, never on their
+    values. Each site's time mean is removed first, as in :func:`pooled_variance`.
+    Returns None when no centre has an observed neighbour.
     """
     n_times, n_sites = remainders.shape
     neighbours = min(neighbours, n_sites - 1)
@@ -609,39 +622,57 @@ def _local_blocks(remainders, points, geographic, neighbours, max_centres, max_b
         products = np.einsum("tci,tcj->cij", members, members)
         return _LocalBlocks(products, np.full(centres.size, float(n_times)),
                             np.ones(groups.shape, dtype=bool), np.arange(centres.size), distances)
-    products, counts, observed, centre, distance = [], [], [], [], []
-    for number, group in enumerate(groups):
-        values = members[:, number]
-        values = values[~np.isnan(values[:, 0])]
-        if values.shape[0] == 0:
-            continue
-        seen = ~np.isnan(values)
-        if seen.all():
-            patterns, pattern_counts = seen[:1], np.array([values.shape[0]])
-            block_products = (values.T @ values)[None]
-        else:
-            patterns, which = np.unique(seen, axis=0, return_inverse=True)
-            which = np.asarray(which).ravel()
-            pattern_counts = np.bincount(which, minlength=patterns.shape[0])
-            kept = np.argsort(-pattern_counts, kind="stable")[:patterns_per_centre]
-            relabel = np.full(patterns.shape[0], -1)
-            relabel[kept] = np.arange(kept.size)
-            which = relabel[which]
-            rows = np.flatnonzero(which >= 0)
-            rows = rows[np.argsort(which[rows], kind="stable")]
-            patterns, pattern_counts = patterns[kept], pattern_counts[kept]
-            filled = np.where(seen, values, 0.0)[rows]
-            starts = np.concatenate([[0], np.cumsum(pattern_counts)[:-1]])
-            block_products = np.add.reduceat(filled[:, :, None] * filled[:, None, :], starts, axis=0)
-        products.append(block_products)
-        counts.append(pattern_counts)
-        observed.append(patterns)
-        centre.append(np.full(patterns.shape[0], len(distance)))
-        distance.append(distances[number])
-    if not products or not np.concatenate(observed)[:, 1:].any():
+    size = groups.shape[1]
+    step = max(1, _LOCAL_GATHER_ENTRIES // max(1, n_times * size * size))
+    parts = [_pattern_blocks(members[:, start:start + step], start, patterns_per_centre, coverage)
+             for start in range(0, groups.shape[0], step)]
+    products, counts, observed, centre = (np.concatenate(column) for column in zip(*parts))
+    if centre.size == 0 or not observed[:, 1:].any():
         return None
-    return _LocalBlocks(np.concatenate(products), np.concatenate(counts).astype(np.float64),
-                        np.concatenate(observed), np.concatenate(centre), np.stack(distance))
+    # only centres that keep a block carry their geometry
+    used, centre = np.unique(centre, return_inverse=True)
+    return _LocalBlocks(products, counts, observed, centre.ravel(), distances[used])
+
+
+def _pattern_blocks(members, first_centre, patterns_per_centre, coverage):
+    """The kept blocks of a slab of centres (:func:`_local_blocks`).
+
+    Patterns are coded as integers with the centre first in the most significant bit,
+    so sorting the codes orders each centre's patterns as the rows of a boolean array
+    would sort; ties in frequency keep that order.
+    """
+    n_times, n_centres, size = members.shape
+    seen = ~np.isnan(members)
+    bits = np.left_shift(1, np.arange(size - 1, -1, -1, dtype=np.int64))
+    keys = np.arange(n_centres, dtype=np.int64)[None, :] * (1 << size) + seen @ bits  # (T, C)
+    entries = np.flatnonzero(seen[:, :, 0].ravel())  # times at which the centre is observed
+    if entries.size == 0:
+        empty = np.zeros((0, size, size))
+        return empty, np.zeros(0), np.zeros((0, size), dtype=bool), np.zeros(0, dtype=np.int64)
+    unique_keys, which, key_counts = np.unique(keys.ravel()[entries], return_inverse=True, return_counts=True)
+    key_centre = unique_keys >> size
+    order = np.lexsort((-key_counts, key_centre))  # by centre, then most frequent first (stable)
+    first = np.searchsorted(key_centre[order], key_centre[order], side="left")
+    position = np.arange(order.size) - first
+    counts_in_order = key_counts[order]
+    held_before = np.cumsum(counts_in_order) - counts_in_order
+    held_before -= held_before[first]
+    centre_total = np.bincount(key_centre, weights=key_counts)[key_centre[order]]
+    keep = (position < patterns_per_centre) & (held_before < coverage * centre_total)
+    kept = np.sort(order[keep])  # block order: by centre, then pattern code
+    block_of_key = np.full(unique_keys.size, -1)
+    block_of_key[kept] = np.arange(kept.size)
+    block = block_of_key[np.asarray(which).ravel()]
+    rows = block >= 0
+    values = np.where(seen, members, 0.0).reshape(n_times * n_centres, size)[entries[rows]]
+    block = block[rows]
+    sorting = np.argsort(block, kind="stable")
+    starts = np.searchsorted(block[sorting], np.arange(kept.size))
+    values = values[sorting]
+    products = np.add.reduceat(values[:, :, None] * values[:, None, :], starts, axis=0)
+    codes = unique_keys[kept] & ((1 << size) - 1)
+    observed = (codes[:, None] & bits[None, :]) != 0
+    return products, key_counts[kept].astype(np.float64), observed, key_centre[kept] + first_centre
 
 
 def _per_block(blocks, per_centre):
@@ -986,6 +1017,9 @@ def fit_fine_scale(remainders, coords, kind="exponential", *, geographic=False, 
     if split not in ("local", "variogram"):
         raise InputError(f"unknown split option {split!r}; use 'local' or 'variogram'.")
     local_neighbours = _check_count(local_neighbours, "local_neighbours", "neighbours")
+    if local_neighbours > _LOCAL_MAX_NEIGHBOURS:
+        raise InputError(f"local_neighbours={local_neighbours} is more than a local likelihood needs; "
+                         f"use at most {_LOCAL_MAX_NEIGHBOURS} (default {LOCAL_NEIGHBOURS}).")
     local_max_centres = _check_count(local_max_centres, "local_max_centres", "sites")
     local_max_blocks = _check_count(local_max_blocks, "local_max_blocks", "blocks")
     if weights not in ("cressie", "npairs"):
