@@ -98,11 +98,9 @@ def peak_memory_mib(function, *args, **kwargs):
 
 
 def _blas_description():
-    """BLAS library, version and thread count, from threadpoolctl when installed."""
-    try:
-        from threadpoolctl import threadpool_info
-    except ImportError:
-        return "unknown (install threadpoolctl to name it)"
+    """BLAS library, version and thread count (threadpoolctl)."""
+    from threadpoolctl import threadpool_info
+
     pools = [p for p in threadpool_info() if p.get("user_api") == "blas"]
     if not pools:
         return "unknown BLAS"
