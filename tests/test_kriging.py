@@ -293,3 +293,19 @@ def test_posterior_time_by_time_equals_pattern_by_pattern(monkeypatch):
     for name in ("mean", "variance", "scores", "remainders"):
         np.testing.assert_allclose(getattr(by_time, name), getattr(by_pattern, name), atol=1e-12)
     np.testing.assert_allclose(by_time.variance[3], np.einsum("pk,k,pk->p", targets, eigenvalues, targets))
+
+
+@pytest.mark.parametrize("shape", [(243, 38), (50, 3), (100, 17), (30, 64), (7, 9)])
+def test_unique_rows_equal_numpys_unique_along_rows(shape):
+    """Packed-row patterns of gaps: the same distinct rows, in the same order, and the
+    same index of each row, as ``np.unique(axis=0)``."""
+    from xadapter.engine.kriging import unique_rows
+
+    rng = np.random.default_rng(shape[0])
+    mask = rng.random(shape) > 0.3
+    mask[::3] = mask[0]  # repeated rows
+    patterns, inverse = unique_rows(mask)
+    expected, expected_inverse = np.unique(mask, axis=0, return_inverse=True)
+    np.testing.assert_array_equal(patterns, expected)
+    np.testing.assert_array_equal(inverse, np.ravel(expected_inverse))
+    np.testing.assert_array_equal(patterns[inverse], mask)
