@@ -417,8 +417,7 @@ def empirical_variogram(remainders, coords, *, geographic=False, n_bins=30, max_
     n_bins = _check_count(n_bins, "n_bins", "bins")
     max_pairs = _check_count(max_pairs, "max_pairs", "site pairs")
     neighbours = _check_count(neighbours, "neighbours", "neighbours")
-    first, second = _sample_pairs(points, neighbours, max_pairs, np.random.default_rng(seed))
-    distance = _distance_km(points[first], points[second], geographic)
+    first, second, distance = _variogram_pairs(points, geographic, neighbours, max_pairs, seed)
     if max_distance is None:
         max_distance = 0.5 * float(distance.max())
     max_distance = float(max_distance)
@@ -469,6 +468,18 @@ def empirical_variogram(remainders, coords, *, geographic=False, n_bins=30, max_
         semivariance=sum_squares[filled] / (2.0 * counts[filled]),
         counts=counts[filled],
     )
+
+
+def _variogram_pairs(points, geographic, neighbours, max_pairs, seed):
+    """The sampled site pairs of :func:`empirical_variogram` and their distances (km), cached
+    by content: the candidates of a search and the two passes of a fit share the sites,
+    and the great-circle distances are most of a variogram's cost on a few hundred sites."""
+    def compute():
+        first, second = _sample_pairs(points, neighbours, max_pairs, np.random.default_rng(seed))
+        return first, second, _distance_km(points[first], points[second], geographic)
+
+    key = _GEOMETRY_CACHE.key("pairs", points, bool(geographic), neighbours, max_pairs, seed)
+    return _GEOMETRY_CACHE.get(key, 3 * 8 * min(max_pairs, points.shape[0] ** 2), compute)
 
 
 def pooled_variance(remainders):
