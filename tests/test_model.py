@@ -284,3 +284,30 @@ def test_rank_auto_on_held_out_sites_and_times():
     # fewer components than the truth score clearly worse on held-out sites and times
     crps = dict(zip(selection["rank"].values.astype(int), selection["crps"].values))
     assert crps[1] > crps[3] * 1.05
+
+
+def test_rank_auto_stays_at_the_first_nominal_rank_when_the_search_stops_below_it():
+    """Three components on 90 stations: the search stops a few ranks past 3, so the
+    nominal rank stays at the first one (10), not the cap (20)."""
+    from xadapter.engine.pipeline import AUTO_FIRST_RANK
+
+    field = datasets.synthetic_field(150, n_stations=90, rank=3, score_variance=(400.0, 200.0, 100.0),
+                                     noise_sd=1.0, seed=11)
+    adapter = SpatialAdapter(rank="auto", fine_scale=None, seed=0).fit(field["residual"])
+    assert adapter.basis.sizes["mode"] == AUTO_FIRST_RANK
+    assert adapter.selection["rank"].values.max() == AUTO_FIRST_RANK
+
+
+def test_rank_auto_widens_to_the_cap_when_the_first_nominal_rank_is_used_up():
+    """Fourteen components: at nominal rank 10 the spectral rule keeps all ten and the
+    held-out score still falls, so the search refits at the cap and finds the fourteen."""
+    from xadapter.engine.pipeline import AUTO_MAX_RANK
+
+    variances = tuple(float(v) for v in np.geomspace(400.0, 40.0, 14))
+    field = datasets.synthetic_field(150, n_stations=90, rank=14, score_variance=variances, noise_sd=1.0,
+                                     seed=11)
+    adapter = SpatialAdapter(rank="auto", fine_scale=None, seed=0).fit(field["residual"])
+    assert adapter.basis.sizes["mode"] == AUTO_MAX_RANK
+    assert adapter.effective_rank == 14
+    crps = dict(zip(adapter.selection["rank"].values.astype(int), adapter.selection["crps"].values))
+    assert crps[10] > crps[14] * 1.2

@@ -73,9 +73,11 @@ class SpatialAdapter:
     ----------
     rank : int or "auto", default 10
         Nominal number of basis functions ``K``; an upper bound on the effective rank.
-        ``"auto"``: ``K = min(20, N - 1, T - 2)`` and the effective rank chosen by
-        cross-validation over sites on the kriging CRPS (never above the spectral
-        threshold's rank).
+        ``"auto"``: the effective rank chosen by cross-validation over sites on the
+        kriging CRPS (never above the spectral threshold's rank), at ``K = 10``, or
+        at ``K = min(20, N - 1, T - 2)`` when at 10 the spectral rule keeps every
+        component and the held-out score is still falling (``K`` is capped by the
+        same bounds throughout).
     tau1 : float or "cv", default 0.0
         Smoothness weight (``tau1 * tr(Phi^T Omega Phi)``; the penalty is normalised
         to unit largest eigenvalue, so ``tau1`` is in units of the eigenvalues of
