@@ -523,6 +523,16 @@ def _model_semivariance(kind, distance, partial_sill, range_km, nugget):
     return nugget + partial_sill * (1.0 - _correlation(kind, distance / range_km))
 
 
+def _correlation_and_log_range_derivative(kind, scaled_distance):
+    """:func:`_correlation` and :func:`_correlation_log_range_derivative` from one exponential."""
+    x = np.asarray(scaled_distance, dtype=np.float64)
+    if kind == "exponential":
+        correlation = np.exp(-x)
+        return correlation, x * correlation
+    decay = np.exp(-_SQRT3 * x)
+    return (1.0 + _SQRT3 * x) * decay, 3.0 * x**2 * decay
+
+
 def _correlation_log_range_derivative(kind, scaled_distance):
     """``d rho(h / ell) / d log(ell)`` for scaled distances ``h / ell`` (dimensionless)."""
     x = np.asarray(scaled_distance, dtype=np.float64)
@@ -697,14 +707,18 @@ def _per_block(blocks, per_centre):
 
 def _local_system(blocks, correlation, partial_sill, nugget):
     """The model covariance of every block ``(G, m + 1, m + 1)``, centre first, and its
-    mask of observed pairs. Unobserved neighbours are decoupled (unit diagonal, zero
-    covariance); a floor on the nugget keeps coincident sites and a zero nugget from a
-    singular system."""
+    mask of observed pairs (None when every member of every block is observed).
+    Unobserved neighbours are decoupled (unit diagonal, zero covariance); a floor on the
+    nugget keeps coincident sites and a zero nugget from a singular system."""
     observed = blocks.observed
+    white = max(nugget, _NUGGET_FLOOR * (partial_sill + nugget))
+    diagonal = np.arange(correlation.shape[1])
+    if observed.all():
+        covariance = partial_sill * correlation
+        covariance[:, diagonal, diagonal] = partial_sill + white
+        return covariance, None
     pairs = observed[:, :, None] & observed[:, None, :]
     covariance = np.where(pairs, partial_sill * correlation, 0.0)
-    diagonal = np.arange(covariance.shape[1])
-    white = max(nugget, _NUGGET_FLOOR * (partial_sill + nugget))
     covariance[:, diagonal, diagonal] = np.where(observed, partial_sill + white, 1.0)
     return covariance, pairs
 
@@ -745,22 +759,22 @@ def _local_negative_loglik_gradient(blocks, kind, sill, fraction, log_range):
     variance, ``w = A^-1 c`` and ``v = s - c.w``: ``dv = ds - 2 dc.w + w^T dA w`` and,
     with ``q = A^-1 (P w - p)`` (``P``, ``p`` the neighbours' and cross products),
     ``dSE = 2 (dc - dA w).q``; one inverse of ``A`` gives ``w`` and ``q``, where a
-    difference quotient would take two more likelihoods per step.
+    difference quotient would take two more likelihoods per step. Both derivatives are
+    carried in one stacked array.
     """
     partial_sill, range_km, nugget = sill * (1.0 - fraction), float(np.exp(log_range)), sill * fraction
-    scaled = blocks.distance / range_km
-    correlation = _per_block(blocks, _correlation(kind, scaled))
+    correlation, by_log_range = _correlation_and_log_range_derivative(kind, blocks.distance / range_km)
+    correlation, by_log_range = _per_block(blocks, correlation), _per_block(blocks, by_log_range)
     covariance, pairs = _local_system(blocks, correlation, partial_sill, nugget)
     # derivatives of the covariance in fraction and in log(range); the diagonal, partial
     # sill plus nugget, is the sill whatever the split (below the floor the nugget is
     # held at it; the derivative is the one from above, where the optimiser goes from a
     # zero nugget)
+    derivative = np.stack([-sill * correlation, partial_sill * by_log_range])  # (2, G, m + 1, m + 1)
+    if pairs is not None:
+        derivative = np.where(pairs, derivative, 0.0)
     diagonal = np.arange(covariance.shape[1])
-    by_fraction = np.where(pairs, -sill * correlation, 0.0)
-    by_fraction[:, diagonal, diagonal] = 0.0
-    by_range = np.where(pairs, partial_sill * _per_block(blocks, _correlation_log_range_derivative(kind, scaled)),
-                        0.0)
-    by_range[:, diagonal, diagonal] = 0.0
+    derivative[:, :, diagonal, diagonal] = 0.0
 
     inverse = np.linalg.inv(covariance[:, 1:, 1:])
     weights = np.einsum("gkl,gl->gk", inverse, covariance[:, 1:, 0])
@@ -769,17 +783,14 @@ def _local_negative_loglik_gradient(blocks, kind, sill, fraction, log_range):
     products = blocks.cross_products
     adjoint = np.einsum("gkl,gl->gk", inverse,
                         np.einsum("gkl,gl->gk", products[:, 1:, 1:], weights) - products[:, 1:, 0])
-    counts, total = blocks.counts, blocks.counts.sum()
-    gradient = []
-    for derivative in (by_fraction, by_range):
-        d_cross, d_neighbours = derivative[:, 1:, 0], derivative[:, 1:, 1:]
-        d_variance = derivative[:, 0, 0] - 2.0 * np.einsum("gk,gk->g", d_cross, weights) \
-            + np.einsum("gk,gkl,gl->g", weights, d_neighbours, weights)
-        d_variance = np.where(raw_variance > floor, d_variance, 0.0)
-        d_error = 2.0 * np.einsum("gk,gk->g", d_cross - np.einsum("gkl,gl->gk", d_neighbours, weights), adjoint)
-        gradient.append(float(np.sum((counts / variance - squared_error / variance**2) * d_variance
-                                     + d_error / variance) / total))
-    return value, np.array(gradient)
+    d_cross = derivative[:, :, 1:, 0]
+    moved = np.einsum("dgkl,gl->dgk", derivative[:, :, 1:, 1:], weights)  # dA w
+    d_variance = np.where(raw_variance > floor, np.einsum("dgk,gk->dg", moved - 2.0 * d_cross, weights), 0.0)
+    d_error = 2.0 * np.einsum("dgk,gk->dg", d_cross - moved, adjoint)
+    counts = blocks.counts
+    gradient = np.sum((counts / variance - squared_error / variance**2) * d_variance + d_error / variance,
+                      axis=1) / counts.sum()
+    return value, gradient
 
 
 def _split_sill_locally(blocks, kind, sill, range_km, nugget, range_bounds, warm=False):
