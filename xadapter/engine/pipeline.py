@@ -89,7 +89,7 @@ AUTO_FIRST_RANK = 10
 
 #: Kept ranks scored past the best one (held-out CRPS) before the rank search stops
 #: (:func:`_stop_early`).
-SEARCH_PATIENCE = 3
+SEARCH_PATIENCE = 2
 
 #: Multipliers of the largest eigenvalue of ``Dc^T Dc`` tried by ``tau1="cv"`` (plus 0).
 #: The penalty is normalised to a largest eigenvalue of 1 while smooth patterns have
