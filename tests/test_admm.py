@@ -297,7 +297,8 @@ def _orthonormal(n_sites, rank, seed):
     return np.linalg.qr(np.random.default_rng(seed).standard_normal((n_sites, rank)))[0]
 
 
-@pytest.mark.parametrize("n_observed", [30, 9, 3])  # more, about as many as, fewer than the rank
+@pytest.mark.parametrize("n_observed", [39, 36, 30, 9, 3])  # 1 and 4 gaps (fewer than the rank), 10 gaps,
+# observations about as many as and fewer than the rank
 def test_conditional_fill_minimises_the_objective_in_the_gaps(n_observed):
     from xadapter.engine.admm import conditional_fill
 
