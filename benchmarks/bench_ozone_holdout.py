@@ -50,6 +50,7 @@ import numpy as np
 import xarray as xr
 
 from xadapter import SpatialAdapter, datasets, metrics
+from xadapter.engine.finescale import clear_geometry_cache
 from xadapter.engine.geometry import local_projection_km
 
 from _common import fmt, machine_line, markdown_table, ratio, timed, verdict
@@ -126,6 +127,7 @@ def _adapter_predict(resid, hidden, settings):
     cells = datasets.grid_to_cells(resid)
     hidden_cells = hidden.stack(cell=("lat", "lon")).values
     train, test = cells.isel(cell=~hidden_cells), cells.isel(cell=hidden_cells)
+    clear_geometry_cache()  # a cold fit, as a user's first: no geometry from the previous contender
     adapter = SpatialAdapter(**settings).fit(train.isel(time=slice(0, N_TRAIN)))
     result = adapter.krige(train.isel(time=slice(N_TRAIN, None)), at=test.isel(time=0, drop=True), level=LEVEL)
     return adapter, result.transpose("time", "cell")

@@ -673,3 +673,16 @@ def test_local_likelihood_gradient_matches_differences(kind, gaps):
         numeric = [(likelihood(fraction + step, log_range) - likelihood(fraction - step, log_range)) / (2 * step),
                    (likelihood(fraction, log_range + step) - likelihood(fraction, log_range - step)) / (2 * step)]
         np.testing.assert_allclose(gradient, numeric, atol=1e-7)
+
+
+def test_clearing_the_geometry_cache_changes_no_result():
+    """A fit after the cache is cleared recomputes its geometry and gives the same model."""
+    rng = np.random.default_rng(2)
+    points = rng.uniform(0.0, 800.0, (80, 2))
+    factor = np.linalg.cholesky(np.exp(-cdist(points, points) / 150.0) + 1e-9 * np.eye(80))
+    remainders = (factor @ rng.normal(size=(80, 40))).T + 0.4 * rng.normal(size=(40, 80))
+    warm = fs.fit_fine_scale(remainders, points)
+    assert fs._GEOMETRY_CACHE.entries
+    fs.clear_geometry_cache()
+    assert not fs._GEOMETRY_CACHE.entries
+    assert fs.fit_fine_scale(remainders, points) == warm
