@@ -587,7 +587,6 @@ class SpatialAdapter:
         coords = {time_dim: times.values}
         # coordinate attributes (units, standard_name) travel with the targets
         coords.update({k: (dim, v.values, v.attrs) for k, v in template.coords.items() if v.dims == (dim,)})
-        out = xr.Dataset(coords=coords)
         what = "new observation" if include_noise else "latent residual field"
         specs = {
             "mean": (result.mean, units, f"kriged mean of the {what}"),
@@ -595,10 +594,13 @@ class SpatialAdapter:
             "lower": (result.lower, units, f"lower bound of the {level:.0%} interval"),
             "upper": (result.upper, units, f"upper bound of the {level:.0%} interval"),
         }
+        data_vars = {}
         for name, (values, var_units, long_name) in specs.items():
             if shift is not None and name != "variance":
                 values = values + shift
-            out[name] = ((time_dim, dim), values, {"units": var_units, "long_name": long_name})
+            data_vars[name] = ((time_dim, dim), values, {"units": var_units, "long_name": long_name})
+        # one construction: adding the variables one by one aligns the Dataset each time
+        out = xr.Dataset(data_vars, coords=coords)
         if isinstance(template.indexes.get(dim), pd.MultiIndex):
             out = out.assign_coords(xr.Coordinates.from_pandas_multiindex(template.indexes[dim], dim)).unstack(dim)
         elif fitted_targets:
