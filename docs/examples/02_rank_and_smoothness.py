@@ -7,9 +7,10 @@ rank) and how smooth they are (``tau1``, the weight of the thin-plate or graph
 penalty). Here 120 stations report for only 30 days, so the sample covariance is
 noisy and the plain eigenvectors pick up that noise.
 
-1. ``rank="auto"`` starts from ``K = min(20, N - 1, T - 2)`` basis functions and
-   chooses the effective rank by cross-validation over sites on the kriging CRPS
-   (never above the spectral threshold's rank). The selection plot shows the CRPS of
+1. ``rank="auto"`` fits ``K = 10`` basis functions (more, up to
+   ``min(20, N - 1, T - 2)``, only when all ten carry signal) and chooses the
+   effective rank by cross-validation over sites on the kriging CRPS (never above
+   the spectral threshold's rank). The selection plot shows the CRPS of
    every candidate; the spectrum shows the sample eigenvalues against the kept,
    thresholded ones and the noise variance.
 2. ``tau1`` trades fit for smoothness. A scan over a few values, each scored by the
