@@ -629,11 +629,15 @@ def _blocks_by_hand(remainders, points, neighbours, max_centres, max_blocks, rng
     return blocks
 
 
-@pytest.mark.parametrize("coverage, max_blocks", [(1.0, 4000), (0.9, 4000), (0.5, 4000), (0.9, 150)])
-def test_local_blocks_equal_sums_time_by_time(coverage, max_blocks):
+@pytest.mark.parametrize("coverage, max_blocks, slab", [(1.0, 4000, None), (0.9, 4000, None), (0.5, 4000, None),
+                                                       (0.9, 150, None), (0.9, 4000, 3)])
+def test_local_blocks_equal_sums_time_by_time(coverage, max_blocks, slab, monkeypatch):
     """The vectorised gathering of the local likelihood's blocks equals a time-by-time
     sum per (centre, pattern of observed neighbours); patterns kept most frequent first
-    up to the coverage and the cap; a site never observed gives no block."""
+    up to the coverage and the cap; a site never observed gives no block; the same when
+    the centres are gathered in slabs of three."""
+    if slab is not None:
+        monkeypatch.setattr(fs, "_LOCAL_GATHER_ENTRIES", 40 * 7 * 7 * slab)
     rng = np.random.default_rng(3)
     points = rng.uniform(0.0, 500.0, (60, 2))
     remainders = rng.normal(size=(40, 60))
