@@ -343,7 +343,7 @@ def test_fill_scores_equal_the_minimum_norm_least_squares_scores():
     missing[5:10] = rng.random((5, n_sites)) < 0.6  # many gaps
     centred = np.where(missing, 0.0, rng.normal(size=(40, n_sites)))
     missed = masked_grams(missing, basis)
-    scores = _least_squares_scores(np.eye(rank) - missed, centred @ basis, np.trace(missed, axis1=1, axis2=2))
+    scores = _least_squares_scores(np.eye(rank) - missed, centred @ basis)
     for row in range(40):
         observed = basis[~missing[row]]
         expected = np.linalg.lstsq(observed, centred[row, ~missing[row]], rcond=1e-8)[0]

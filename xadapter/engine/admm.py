@@ -344,7 +344,8 @@ def _k_spread(block, rows, z_mean):
 #: Over-relaxation of the gap fill (1: the exact conditional minimiser).
 FILL_RELAXATION = 1.5
 
-#: Entries of ``rows x sites x rank`` formed at a time by :func:`conditional_fill`.
+#: Bounds the rows :func:`conditional_fill` takes at a time: ``rows x sites x rank``
+#: (its temporaries are ``rows x sites`` and ``rows x rank^2``).
 _FILL_CHUNK_ENTRIES = 2**22
 
 
@@ -402,8 +403,7 @@ def conditional_fill(values, missing, level, basis, relaxation=1.0):
         centred = np.where(gaps, 0.0, values[chunk] - level[chunk])
         # Phi_o^T Phi_o = I - Phi_u^T Phi_u, with Phi orthonormal
         missed = masked_grams(gaps, basis)
-        scores = _least_squares_scores(np.eye(rank) - missed, centred @ basis,
-                                       np.trace(missed, axis1=1, axis2=2))
+        scores = _least_squares_scores(np.eye(rank) - missed, centred @ basis)
         block = values[chunk]
         target = (level[chunk] + scores @ basis.T)[gaps]
         block[gaps] += relaxation * (target - block[gaps])
@@ -415,11 +415,11 @@ def conditional_fill(values, missing, level, basis, relaxation=1.0):
 _DIRECT_SOLVE_EIGENVALUE = 0.1
 
 
-def _least_squares_scores(gram, projected, missed):
+def _least_squares_scores(gram, projected):
     """Minimum-norm solutions of ``gram_b s_b = projected_b``, eigenvalues below 1e-8 dropped.
 
-    ``gram = I - M`` with ``M`` positive semi-definite of trace ``missed``. Rows whose
-    least eigenvalue is bounded away from 0 (by ``1 - missed``, or by Gershgorin's
+    ``gram = I - M`` with ``M`` positive semi-definite (``M = Phi_u^T Phi_u``). Rows whose
+    least eigenvalue is bounded away from 0 (by ``1 - tr M``, or by Gershgorin's
     discs: ``gram`` is near the identity when few sites are missing) are far from
     singular and take a batched LU solve, several times cheaper than the eigen-
     decomposition the others need to drop null directions (a basis column whose sites
@@ -427,6 +427,7 @@ def _least_squares_scores(gram, projected, missed):
     """
     scores = np.empty_like(projected)
     diagonal = np.diagonal(gram, axis1=1, axis2=2)
+    missed = gram.shape[1] - diagonal.sum(axis=1)  # tr M = K - tr gram
     discs = np.min(2.0 * diagonal - np.abs(gram).sum(axis=2), axis=1)
     direct = np.maximum(1.0 - missed, discs) >= _DIRECT_SOLVE_EIGENVALUE
     if direct.any():

@@ -530,21 +530,14 @@ def _model_semivariance(kind, distance, partial_sill, range_km, nugget):
 
 
 def _correlation_and_log_range_derivative(kind, scaled_distance):
-    """:func:`_correlation` and :func:`_correlation_log_range_derivative` from one exponential."""
+    """:func:`_correlation` and ``d rho(h / ell) / d log(ell)`` for scaled distances ``h / ell``
+    (dimensionless), from one exponential."""
     x = np.asarray(scaled_distance, dtype=np.float64)
     if kind == "exponential":
         correlation = np.exp(-x)
         return correlation, x * correlation
     decay = np.exp(-_SQRT3 * x)
     return (1.0 + _SQRT3 * x) * decay, 3.0 * x**2 * decay
-
-
-def _correlation_log_range_derivative(kind, scaled_distance):
-    """``d rho(h / ell) / d log(ell)`` for scaled distances ``h / ell`` (dimensionless)."""
-    x = np.asarray(scaled_distance, dtype=np.float64)
-    if kind == "exponential":
-        return x * np.exp(-x)
-    return 3.0 * x**2 * np.exp(-_SQRT3 * x)
 
 
 #: The grid of :func:`_grid_start`: ranges (geometric between the bounds) and nugget
@@ -1117,8 +1110,8 @@ def fit_fine_scale(remainders, coords, kind="exponential", *, geographic=False, 
         # analytic: a difference quotient costs two residual evaluations per parameter
         # and is most of the fit's cost when many candidate models are fitted
         partial_sill, range_km, nugget = parameters(x)
-        correlation = _correlation(kind, distance / range_km)
-        by_range = -partial_sill * _correlation_log_range_derivative(kind, distance / range_km) / range_km
+        correlation, by_log_range = _correlation_and_log_range_derivative(kind, distance / range_km)
+        by_range = -partial_sill * by_log_range / range_km
         if sill == "pooled":
             model_derivative = np.stack([total * correlation, by_range], axis=1)
         else:
@@ -1227,6 +1220,10 @@ class _GeometryCache:
         self.entries = OrderedDict()
         self.lock = threading.Lock()
 
+    def clear(self):
+        with self.lock:
+            self.entries.clear()
+
     @staticmethod
     def key(*parts):
         digest = hashlib.blake2b(digest_size=16)
@@ -1267,8 +1264,7 @@ def clear_geometry_cache():
     frees their memory (128 MB at most) and makes the next fit pay for its geometry, as
     the first fit in a process does (benchmarks time such cold fits).
     """
-    with _GEOMETRY_CACHE.lock:
-        _GEOMETRY_CACHE.entries.clear()
+    _GEOMETRY_CACHE.clear()
 
 
 def _neighbour_distances(observed_points, target_points, neighbour_index, geographic):
