@@ -20,6 +20,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+#: Seconds to wait before a timed call. OpenBLAS worker threads keep spinning for about
+#: 0.1 s after a multi-threaded call returns; the next call's process CPU time would
+#: count them (measured: twice the thread time of a one-thread fit right after a
+#: 300 x 300 product, the same after a 0.2 s pause).
+SETTLE_SECONDS = 0.25
+
 #: Libraries whose versions the machine line reports, when installed.
 LIBRARIES = ("xadapter", "numpy", "scipy", "xarray", "xeofs", "gstools", "pykrige", "dask")
 
@@ -40,9 +46,12 @@ def timed(function, *args, **kwargs):
     -------
     Timing
         Wall time (``time.perf_counter``), CPU time of the process (all threads,
-        ``time.process_time``) and the function's result.
+        ``time.process_time``) and the function's result. Starts after
+        :data:`SETTLE_SECONDS`, so that threads left spinning by earlier work are not
+        billed to this call.
     """
     gc.collect()
+    time.sleep(SETTLE_SECONDS)
     wall, cpu = time.perf_counter(), time.process_time()
     result = function(*args, **kwargs)
     return Timing(time.perf_counter() - wall, time.process_time() - cpu, result)

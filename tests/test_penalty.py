@@ -1,3 +1,5 @@
+import warnings
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -32,6 +34,37 @@ def test_thin_plate_is_psd_and_annihilates_linear_functions(dim):
     curved = np.sum(coords**2, axis=1)
     assert abs(linear @ omega @ linear) < 1e-6 * (curved @ omega @ curved)
     assert curved @ omega @ curved > 0
+
+
+def test_thin_plate_is_exact_on_continental_km_coordinates():
+    # a 24 x 24 grid 6500 km wide: kernel entries ~1e7 against coordinates ~1e3 made the
+    # bordered system's inverse ill-conditioned (reciprocal condition ~1e-18)
+    axis = np.linspace(-3200.0, 3200.0, 24)
+    coords = grid(axis, axis * 1.04 + 50.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        omega = penalty.thin_plate(coords)
+    linear = 3.0 + coords @ np.array([0.02, -0.01])
+    smooth = np.sin(coords[:, 0] / 2000.0)
+    assert abs(linear @ omega @ linear) < 1e-12 * (smooth @ omega @ smooth) * (linear @ linear) / (smooth @ smooth)
+    # bending energy in 2-D is invariant to the unit of the coordinates: Omega scales as c^(d-4)
+    np.testing.assert_allclose(penalty.thin_plate(coords / 1000.0), omega * 1e6, rtol=1e-7, atol=1e-9 * np.abs(omega * 1e6).max())
+    # and equals the limit of SpatPCA's ridge formula, computed on unit-scale coordinates
+    unit = coords / 1000.0
+    system = penalty.thin_plate_system(unit)
+    inverse = np.linalg.inv(system)[: len(unit), : len(unit)]
+    np.testing.assert_allclose(penalty.thin_plate(unit), inverse, atol=1e-8 * np.abs(inverse).max())
+
+
+def test_thin_plate_of_collinear_sites_penalises_curvature_along_the_line():
+    t = np.linspace(0.0, 500.0, 30)
+    coords = np.column_stack([100.0 + 0.6 * t, -20.0 + 0.8 * t])
+    omega = penalty.thin_plate(coords)
+    eig = np.linalg.eigvalsh(omega)
+    assert eig.min() > -1e-10 * eig.max()
+    # two polynomials of degree 1 are distinguishable on a line: a two-dimensional null space
+    assert np.sum(eig < 1e-10 * eig.max()) == 2
+    assert abs((2.0 + 0.01 * t) @ omega @ (2.0 + 0.01 * t)) < 1e-10 * ((t / 500) ** 2 @ omega @ (t / 500) ** 2)
 
 
 def test_thin_plate_1d_energy_matches_integral_of_second_derivative():
@@ -79,8 +112,7 @@ def test_graph_laplacian_geographic_invariant_to_longitude_convention():
 
 def test_normalisation_and_scale_invariance():
     rng = np.random.default_rng(2)
-    # km-scale domains; the 1e-8 ridge of the thin-plate system only matters for
-    # coordinates far below unit spacing
+    # the normalised penalty does not depend on the unit of the coordinates
     coords = rng.uniform(0, 10, (150, 2))
     for kind in ("graph", "tps"):
         small = penalty.build_penalty(coords, kind)

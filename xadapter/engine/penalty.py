@@ -89,10 +89,20 @@ def thin_plate_system(coords):
 def thin_plate(coords, *, max_sites=THIN_PLATE_MAX_SITES):
     """Exact thin-plate bending-energy matrix (SpatPCA's ``Omega``), unscaled.
 
-    With ``L`` the thin-plate system of :func:`thin_plate_system` and ``Lp`` the
-    top-left ``N x N`` block of ``inv(L + 1e-8 I)``, returns ``Lp^T K Lp`` where
-    ``K = L[:N, :N]``. ``phi^T Omega phi`` is the bending energy of the thin-plate
-    spline through the values ``phi`` at the sites.
+    ``phi^T Omega phi`` is the bending energy of the thin-plate spline through the
+    values ``phi`` at the sites. With ``K`` the kernel matrix of
+    :func:`thin_plate_kernel` and ``Z`` an orthonormal basis of the values that no
+    polynomial of degree 1 takes at the sites (the complement of ``P = [1, s]``),
+
+    ``Omega = Z (Z^T K Z)^{-1} Z^T``
+
+    (Green and Silverman 1994, section 7.4): the top-left ``N x N`` block of the inverse
+    of the system ``[[K, P], [P^T, 0]]`` of :func:`thin_plate_system`, which SpatPCA
+    computes as ``inv(L + 1e-8 I)``. That inverse is ill-conditioned whenever the
+    coordinates are far from unit scale (kernel entries ~1e7 against polynomial
+    entries ~1e3 on a continent in km: reciprocal condition ~1e-18), which blurred the
+    null space of linear functions; the reduced system ``Z^T K Z`` is positive definite
+    and well scaled, and needs no ridge.
 
     Parameters
     ----------
@@ -105,6 +115,9 @@ def thin_plate(coords, *, max_sites=THIN_PLATE_MAX_SITES):
     -------
     ndarray, shape (N, N)
         Symmetric positive semi-definite; units of ``coords^(d-4)`` (not rescaled).
+        Zero on values of polynomials of degree 1 (sites on a line in 2-D or a plane in
+        3-D leave fewer such polynomials distinguishable, and the complement is taken
+        of those that are).
 
     Raises
     ------
@@ -112,16 +125,28 @@ def thin_plate(coords, *, max_sites=THIN_PLATE_MAX_SITES):
         When ``N > max_sites``; use ``graph_laplacian`` instead.
     """
     coords = _as_coords(coords)
-    n_sites = coords.shape[0]
+    n_sites, dim = coords.shape
     if n_sites > max_sites:
         raise ProblemTooLargeError(
             f"the thin-plate penalty is dense and O(N^3): {n_sites} sites exceeds the limit "
             f"of {max_sites}; use penalty='graph' (sparse graph Laplacian) for large N."
         )
-    system = thin_plate_system(coords)
-    inverse = sla.inv(system + 1e-8 * np.eye(system.shape[0]))
-    lp = inverse[:n_sites, :n_sites]
-    omega = lp.T @ system[:n_sites, :n_sites] @ lp
+    # centred and scaled coordinates span the same polynomials, better conditioned
+    centred = coords - coords.mean(axis=0)
+    scale = np.abs(centred).max()
+    polynomial = np.hstack([np.ones((n_sites, 1)), centred / (scale if scale > 0 else 1.0)])
+    left, singular, _ = np.linalg.svd(polynomial, full_matrices=True)
+    kept = int(np.sum(singular > singular[0] * max(polynomial.shape) * np.finfo(float).eps))
+    complement = left[:, kept:]
+    kernel = thin_plate_kernel(cdist(coords, coords), dim)
+    reduced = complement.T @ kernel @ complement
+    try:
+        omega = complement @ sla.solve(0.5 * (reduced + reduced.T), complement.T, assume_a="pos")
+    except np.linalg.LinAlgError as error:
+        raise InputError(
+            "the thin-plate system of these sites is singular (repeated sites?); "
+            "merge duplicate sites or use penalty='graph'."
+        ) from error
     return 0.5 * (omega + omega.T)
 
 
