@@ -600,6 +600,61 @@ def test_kriging_without_fine_scale_correlation_equals_the_dense_reference(inclu
     np.testing.assert_array_equal(mean[3], 0.0)
 
 
+@pytest.mark.parametrize("include_noise", [True, False])
+def test_small_network_kriged_time_by_time_equals_the_dense_reference(include_noise, monkeypatch):
+    """At most k sites, a correlated fine scale and a pattern of gaps at nearly every time
+    (a daily station network): the batched time-by-time path equals dense kriging and the
+    pattern-by-pattern path, a time without observations included."""
+    rng = np.random.default_rng(3)
+    n_sites, n_times, n_targets = 26, 60, 9
+    coords, targets = rng.uniform(0.0, 1200.0, (n_sites, 2)), rng.uniform(0.0, 1200.0, (n_targets, 2))
+    loadings = np.linalg.qr(rng.normal(size=(n_sites, 4)))[0] * 3.0
+    target_loadings = rng.normal(size=(n_targets, 4))
+    eigenvalues = np.array([6.0, 3.0, 1.0, 0.0])
+    mean, target_mean = rng.normal(size=n_sites), rng.normal(size=n_targets)
+    data = rng.normal(size=(n_times, n_sites)) * 2.0
+    data[rng.random(data.shape) < 0.1] = np.nan
+    data[7] = np.nan
+    data[8, 1:] = np.nan  # one observed site
+    params = fs.FineScaleParams("exponential", 0.7, 180.0, 0.3)
+    options = dict(target_loadings=target_loadings, target_coords=targets, include_noise=include_noise,
+                   mean=mean, target_mean=target_mean)
+    batched = []
+    original = fs._dense_krige_by_time
+    monkeypatch.setattr(fs, "_dense_krige_by_time", lambda *a, **k: batched.append(1) or original(*a, **k))
+    by_time = fs.krige_with_fine_scale(data, loadings, eigenvalues, params, coords, k=30, **options)
+    assert batched
+    exact = fs.exact_krige(data, loadings, eigenvalues, params, coords, **options)
+    monkeypatch.setattr(fs, "prefers_posterior_by_time", lambda centred: False)
+    by_pattern = fs.krige_with_fine_scale(data, loadings, eigenvalues, params, coords, k=30, **options)
+    assert len(batched) == 1
+    for result in (by_time, by_pattern):
+        np.testing.assert_allclose(result[0], exact[0], atol=1e-10)
+        np.testing.assert_allclose(result[1], exact[1], atol=1e-10)
+    prior = (np.einsum("pk,k,pk->p", target_loadings, eigenvalues, target_loadings) + params.partial_sill
+             + (params.nugget if include_noise else 0.0))
+    np.testing.assert_allclose(by_time[1][7], prior, rtol=1e-12)
+    np.testing.assert_allclose(by_time[0][7], target_mean, rtol=1e-12)
+
+
+def test_local_precision_with_every_other_site_is_the_inverse_covariance():
+    """With k = n - 1 the leave-one-out weights are exact and ``D^-1 (I - R)`` is ``W^-1``;
+    with fewer neighbours the operator's product is that of its own (symmetric) matrix."""
+    rng = np.random.default_rng(8)
+    points = rng.uniform(0.0, 500.0, (25, 2))
+    params = fs.FineScaleParams("exponential", 1.3, 120.0, 0.2)
+    system = params.covariance(np.hypot(*(points[:, None, :] - points[None, :, :]).transpose(2, 0, 1)))
+    system[np.diag_indices(25)] += params.nugget
+    full = fs._local_precision(points, params, 24, False)
+    np.testing.assert_allclose(full.toarray(), np.linalg.inv(system), atol=1e-10)
+    local = fs._local_precision(points, params, 6, False)
+    dense = local.toarray()
+    np.testing.assert_allclose(dense, dense.T, atol=1e-15)
+    vectors = rng.normal(size=(25, 3))
+    np.testing.assert_allclose(local @ vectors, dense @ vectors, atol=1e-12)
+    np.testing.assert_allclose(local @ vectors[:, 0], dense @ vectors[:, 0], atol=1e-12)
+
+
 def _blocks_by_hand(remainders, points, neighbours, max_centres, max_blocks, rng, coverage):
     """Local-likelihood blocks time by time: (group, pattern, count, cross products)."""
     counts = np.sum(~np.isnan(remainders), axis=0)

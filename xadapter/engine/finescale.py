@@ -1415,7 +1415,8 @@ def _local_precision(points, params, k, geographic):
 
     ``W^{-1} = D^{-1} (I - R)`` exactly, with ``R`` the leave-one-out kriging weights
     of each observation on all others and ``D`` the leave-one-out variances; keeping
-    each site's ``k`` nearest neighbours gives ``n k`` non-zeros, symmetrised.
+    each site's ``k`` nearest neighbours gives ``n k`` non-zeros, symmetrised
+    (:class:`_LocalPrecision`; a sparse ``I / sill`` without fine-scale correlation).
     """
     n_sites = points.shape[0]
     k = min(k, n_sites - 1)
@@ -1425,7 +1426,6 @@ def _local_precision(points, params, k, geographic):
     others = index != np.arange(n_sites)[:, None]
     others[others.all(axis=1), -1] = False  # a coincident site pushed the site itself out
     index = index[others].reshape(n_sites, k)
-    rows = np.repeat(np.arange(n_sites), k)
     weights = np.empty((n_sites, k))
     loo_variance = np.empty(n_sites)
     for part in _target_blocks(n_sites, k, 1, points.shape[1]):
@@ -1433,14 +1433,35 @@ def _local_precision(points, params, k, geographic):
         weights[part] = part_weights
         loo_variance[part] = params.partial_sill + _effective_nugget(params) - np.einsum(
             "bk,bk->b", part_weights, covariance)
-    # D^-1 (I - R) symmetrised, assembled at once: 1 / D on the diagonal and each term
-    # -R_ij / D_i / 2 at (i, j) and at (j, i) (coinciding entries are summed)
-    diagonal = np.arange(n_sites)
-    off = -0.5 * (weights / loo_variance[:, None]).ravel()
-    columns = index.ravel()
-    return sp.csr_matrix((np.concatenate([1.0 / loo_variance, off, off]),
-                          (np.concatenate([diagonal, rows, columns]), np.concatenate([diagonal, columns, rows]))),
-                         shape=(n_sites, n_sites))
+    return _LocalPrecision(1.0 / loo_variance, -0.5 * weights / loo_variance[:, None], index)
+
+
+class _LocalPrecision:
+    """``D^{-1} (I - R)`` symmetrised, as an operator: ``D^{-1} - (D^{-1} R + R^T D^{-1}) / 2``.
+
+    ``R`` has ``k`` entries a row, so it is stored as a CSR matrix straight from the
+    neighbour lists; the product with ``R^T`` uses the same storage read by columns.
+    Assembling the symmetric matrix itself (sorting and summing ``2 n k`` entries) cost
+    more than every product taken with it.
+    """
+
+    ndim = 2
+
+    def __init__(self, inverse_variance, half_weights, index):
+        n_sites, k = index.shape
+        self.inverse_variance = inverse_variance
+        self.half = sp.csr_matrix((half_weights.ravel(), index.ravel(), np.arange(0, n_sites * k + 1, k)),
+                                  shape=(n_sites, n_sites))
+        self.shape = (n_sites, n_sites)
+
+    def __matmul__(self, other):
+        other = np.asarray(other)
+        diagonal = self.inverse_variance if other.ndim == 1 else self.inverse_variance[:, None]
+        return diagonal * other + self.half @ other + self.half.T @ other
+
+    def toarray(self):
+        """The dense ``n x n`` matrix (tests and small problems)."""
+        return np.diag(self.inverse_variance) + self.half.toarray() + self.half.T.toarray()
 
 
 def _dense_pattern(points, params, geographic):
@@ -1480,6 +1501,49 @@ class _DensePattern:
             weights = sla.cho_solve(self.factor, covariance.T).T
             index = np.broadcast_to(np.arange(n_observed), covariance.shape)
             yield part, index, weights, covariance
+
+
+def _dense_krige_by_time(centred, loadings, eigenvalues, params, points, target_loadings, target_points,
+                         nugget, geographic, predicted, variance):
+    """:func:`krige_with_fine_scale` on at most ``k`` sites, time by time in batches.
+
+    With no more sites than neighbours every pattern of gaps is kriged exactly from
+    its whole ``W = C_fine + tau_eff^2 I`` (as :class:`_DensePattern` does); where
+    nearly every time has its own pattern (a daily network with gaps) one batched
+    inverse over a block of times replaces a Python round and a factorisation per
+    pattern. Each time's ``W`` is the full ``N x N`` system with its unobserved sites
+    decoupled (unit diagonal, zero covariance), whose inverse is the observed block's
+    inverse padded with zeros once those sites are masked out again.
+
+    Fills ``predicted`` and ``variance`` ``(T, P)`` in place (no target mean); raises
+    ``LinAlgError`` when a system is singular.
+    """
+    n_times, n_sites = centred.shape
+    n_targets, rank = target_loadings.shape
+    system = params.covariance(_distance_km(points[:, None, :], points[None, :, :], geographic))
+    system[np.diag_indices(n_sites)] += _effective_nugget(params)
+    cross = params.covariance(_distance_km(target_points[:, None, :], points[None, :, :], geographic))
+    root = np.sqrt(eigenvalues)
+    scaled = loadings * root  # B D
+    unit_sites, unit_rank = np.eye(n_sites), np.eye(rank)
+    per_time = n_sites * (n_sites + n_targets) + rank * (n_sites + n_targets + rank)
+    step = max(1, _BLOCK_ENTRIES // per_time)
+    for start in range(0, n_times, step):
+        rows = slice(start, min(start + step, n_times))
+        observed = ~np.isnan(centred[rows])
+        both = observed[:, :, None] & observed[:, None, :]
+        precision = np.linalg.inv(np.where(both, system, unit_sites)) * both  # (B, N, N)
+        weighted = precision @ scaled  # Q B D
+        inverse = np.linalg.inv(unit_rank + np.swapaxes(weighted, 1, 2) @ scaled)  # (I + D B^T Q B D)^-1
+        score_covariance = root[:, None] * inverse * root[None, :]
+        residuals = np.where(observed, centred[rows], 0.0)
+        scores = np.einsum("bn,bnl,blm->bm", residuals, weighted, inverse) * root
+        remainder = (residuals - scores @ loadings.T) * observed
+        weights = precision @ cross.T  # (B, N, P): simple-kriging weights of the targets
+        corrected = target_loadings - np.swapaxes(weights, 1, 2) @ loadings  # (B, P, L)
+        predicted[rows] = scores @ target_loadings.T + np.einsum("bn,bnp->bp", remainder, weights)
+        variance[rows] = (params.partial_sill + nugget - np.einsum("bnp,pn->bp", weights, cross)
+                          + np.einsum("bpl,blm,bpm->bp", corrected, score_covariance, corrected))
 
 
 def krige_with_fine_scale(data, loadings, eigenvalues, params, coords, *, target_loadings=None,
@@ -1554,6 +1618,15 @@ def krige_with_fine_scale(data, loadings, eigenvalues, params, coords, *, target
             variance[rows] = nugget + np.einsum("pk,tkl,pl->tp", target_loadings, covariance, target_loadings)
         np.maximum(variance, 0.0, out=variance)
         return predicted + target_mean, variance
+    if scores == "local" and eigenvalues.size and centred.shape[1] <= k and prefers_posterior_by_time(centred):
+        try:
+            _dense_krige_by_time(centred, loadings, eigenvalues, params, points, target_loadings, target_points,
+                                 nugget, geographic, predicted, variance)
+            np.maximum(variance, 0.0, out=variance)
+            return predicted + target_mean, variance
+        except np.linalg.LinAlgError:  # a singular pattern: pattern by pattern, with its fallbacks
+            variance[:] = prior_low_rank + params.partial_sill + nugget
+            predicted[:] = 0.0
     for times, sites in observation_patterns(centred):
         observed = centred[np.ix_(times, sites)]
         observed_points = points[sites]
