@@ -32,7 +32,7 @@ import xarray as xr
 from _common import machine_line, markdown_table, fmt, repeated
 from xadapter import SpatialAdapter, datasets, metrics
 from xadapter.engine import geometry
-from xadapter.engine.finescale import clear_geometry_cache
+from xadapter.engine.geometry_cache import clear_geometry_cache
 
 Z90 = 1.6448536269514722
 

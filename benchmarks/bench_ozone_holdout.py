@@ -50,7 +50,7 @@ import numpy as np
 import xarray as xr
 
 from xadapter import SpatialAdapter, datasets, metrics
-from xadapter.engine.finescale import clear_geometry_cache
+from xadapter.engine.geometry_cache import clear_geometry_cache
 from xadapter.engine.geometry import local_projection_km
 
 from _common import fmt, machine_line, markdown_table, ratio, timed, verdict

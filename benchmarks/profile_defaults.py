@@ -31,7 +31,7 @@ import numpy as np
 
 from _common import SETTLE_SECONDS
 from xadapter import SpatialAdapter, datasets, metrics
-from xadapter.engine.finescale import clear_geometry_cache
+from xadapter.engine.geometry_cache import clear_geometry_cache
 from xadapter.engine.geometry import local_projection_km
 
 N_TRAIN = 48

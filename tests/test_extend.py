@@ -215,3 +215,24 @@ def test_sites_on_a_line_extend_along_it():
     local = extend.local_extend(new, collinear, values, neighbors=8)
     np.testing.assert_allclose(local, extend.local_extend(new_along[:, None], along[:, None], values, neighbors=8),
                                rtol=1e-9, atol=1e-12)
+
+
+def test_cached_thin_plate_factor_gives_the_same_extension():
+    """The factorised system is cached by sites, smoothing and spacing: a second call (from
+    the cache), a call after clearing it and a call with another smoothing are consistent."""
+    from xadapter.engine.geometry_cache import GEOMETRY_CACHE, clear_geometry_cache
+
+    rng = np.random.default_rng(4)
+    coords, new = rng.uniform(0.0, 300.0, (60, 2)), rng.uniform(0.0, 300.0, (9, 2))
+    values = rng.normal(size=(60, 3))
+    clear_geometry_cache()
+    first = extend.thin_plate_extend(new, coords, values)
+    assert len(GEOMETRY_CACHE.entries) == 1
+    np.testing.assert_array_equal(extend.thin_plate_extend(new, coords, values), first)
+    np.testing.assert_array_equal(extend.thin_plate_extend(new, coords, values * 2.0), 2.0 * first)
+    smoothed = extend.thin_plate_extend(new, coords, values, smoothing=0.5)
+    assert len(GEOMETRY_CACHE.entries) == 2 and np.abs(smoothed - first).max() > 1e-3
+    clear_geometry_cache()
+    np.testing.assert_array_equal(extend.thin_plate_extend(new, coords, values), first)
+    # exact interpolation at the fitted sites, from the cached factor as well
+    np.testing.assert_allclose(extend.thin_plate_extend(coords, coords, values), values, atol=1e-9)

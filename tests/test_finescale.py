@@ -6,6 +6,7 @@ from scipy.spatial.distance import cdist
 
 from xadapter.engine import finescale as fs
 from xadapter.engine import geometry
+from xadapter.engine.geometry_cache import GEOMETRY_CACHE, clear_geometry_cache
 from xadapter.exceptions import InputError, ProblemTooLargeError
 from xadapter.engine.kriging import krige
 
@@ -520,9 +521,9 @@ def test_cached_neighbourhood_distances_give_the_same_kriging():
     targets = rng.uniform(0.0, 800.0, (40, 2))
     first = fs.FineScaleParams("exponential", partial_sill=1.0, range_km=150.0, nugget=0.2)
     second = fs.FineScaleParams("exponential", partial_sill=2.0, range_km=60.0, nugget=0.5)
-    fs._GEOMETRY_CACHE.entries.clear()
+    GEOMETRY_CACHE.entries.clear()
     cold = [fs.local_simple_krige(data, coords, targets, p, k=12) for p in (first, second)]
-    assert len(fs._GEOMETRY_CACHE.entries) > 0
+    assert len(GEOMETRY_CACHE.entries) > 0
     warm = [fs.local_simple_krige(data, coords, targets, p, k=12) for p in (first, second)]
     for a, b in zip(cold, warm):
         for x, y in zip(a, b):
@@ -531,7 +532,7 @@ def test_cached_neighbourhood_distances_give_the_same_kriging():
     # other targets of the same shape are other geometry, never a cache hit
     moved = targets + 25.0
     cached = fs.local_simple_krige(data, coords, moved, first, k=12)
-    fs._GEOMETRY_CACHE.entries.clear()
+    GEOMETRY_CACHE.entries.clear()
     fresh = fs.local_simple_krige(data, coords, moved, first, k=12)
     np.testing.assert_array_equal(cached[0], fresh[0])
     assert not np.allclose(fresh[0], cold[0][0])
@@ -655,6 +656,20 @@ def test_local_precision_with_every_other_site_is_the_inverse_covariance():
     np.testing.assert_allclose(local @ vectors[:, 0], dense @ vectors[:, 0], atol=1e-12)
 
 
+@pytest.mark.parametrize("size", [1, 2, 30])
+def test_batched_positive_definite_solve_equals_numpy(size):
+    rng = np.random.default_rng(size)
+    factors = rng.normal(size=(50, size, size + 3))
+    systems = factors @ np.swapaxes(factors, 1, 2) + 0.1 * np.eye(size)
+    right = rng.normal(size=(50, size))
+    expected = np.linalg.solve(systems, right[:, :, None])[:, :, 0]
+    np.testing.assert_allclose(fs._solve_positive_definite(systems, right), expected, rtol=1e-9, atol=1e-12)
+    # an indefinite system in the batch: every system solved by LU instead
+    systems[7] = np.diag(np.r_[-1.0, np.ones(size - 1)])
+    expected = np.linalg.solve(systems, right[:, :, None])[:, :, 0]
+    np.testing.assert_allclose(fs._solve_positive_definite(systems, right), expected, rtol=1e-9, atol=1e-12)
+
+
 def _blocks_by_hand(remainders, points, neighbours, max_centres, max_blocks, rng, coverage):
     """Local-likelihood blocks time by time: (group, pattern, count, cross products)."""
     counts = np.sum(~np.isnan(remainders), axis=0)
@@ -741,9 +756,9 @@ def test_clearing_the_geometry_cache_changes_no_result():
     factor = np.linalg.cholesky(np.exp(-cdist(points, points) / 150.0) + 1e-9 * np.eye(80))
     remainders = (factor @ rng.normal(size=(80, 40))).T + 0.4 * rng.normal(size=(40, 80))
     warm = fs.fit_fine_scale(remainders, points)
-    assert fs._GEOMETRY_CACHE.entries
-    fs.clear_geometry_cache()
-    assert not fs._GEOMETRY_CACHE.entries
+    assert GEOMETRY_CACHE.entries
+    clear_geometry_cache()
+    assert not GEOMETRY_CACHE.entries
     assert fs.fit_fine_scale(remainders, points) == warm
 
 

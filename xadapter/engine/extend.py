@@ -41,6 +41,7 @@ from scipy.spatial.distance import cdist
 from .checks import nonnegative
 from ..exceptions import CoordinateError, InputError, ProblemTooLargeError
 from .geometry import check_duplicate_sites
+from .geometry_cache import GEOMETRY_CACHE
 from .penalty import thin_plate_kernel
 
 #: Largest number of fitted sites for the global (dense) extension: an
@@ -153,15 +154,20 @@ def typical_spacing(coords):
     return spacing if spacing > 0 else 1.0
 
 
-def _scaled(new_coords, coords, spacing):
-    """Coordinates centred on the fitted sites and divided by the spacing."""
+def _scaling(coords, spacing):
+    """Centre of the fitted sites and the length unit (``spacing``, by default theirs)."""
     if spacing is None:
         spacing = typical_spacing(coords)
     spacing = float(spacing)
     if not spacing > 0 or not np.isfinite(spacing):
         raise InputError(f"spacing must be a positive number, got {spacing}.")
-    centre = coords.mean(axis=0)
-    return (new_coords - centre) / spacing, (coords - centre) / spacing
+    return coords.mean(axis=0), spacing
+
+
+def _scaled(new_coords, coords, spacing):
+    """Coordinates centred on the fitted sites and divided by the spacing."""
+    centre, unit = _scaling(coords, spacing)
+    return (new_coords - centre) / unit, (coords - centre) / unit
 
 
 def _check_smoothing(smoothing):
@@ -215,18 +221,11 @@ def thin_plate_extend(new_coords, coords, values, *, smoothing=0.0, spacing=None
             "method='local'), which uses only the nearest fitted sites."
         )
     smoothing = _check_smoothing(smoothing)
-    new_scaled, scaled = _scaled(new_coords, coords, spacing)
-
-    system = np.zeros((n_sites + dim + 1, n_sites + dim + 1))
-    system[:n_sites, :n_sites] = thin_plate_kernel(cdist(scaled, scaled), dim)
-    system[:n_sites, :n_sites] += smoothing * np.eye(n_sites)
-    poly = np.hstack([np.ones((n_sites, 1)), scaled])
-    system[:n_sites, n_sites:] = poly
-    system[n_sites:, :n_sites] = poly.T
+    centre, unit, scaled, factor, pivots = _thin_plate_factor(coords, smoothing, spacing)
+    new_scaled = (new_coords - centre) / unit
     rhs = np.zeros((n_sites + dim + 1, values.shape[1]))
     rhs[:n_sites] = values
-    coefficients = sla.lu_solve(sla.lu_factor(system, check_finite=False), rhs,
-                                check_finite=False)
+    coefficients = sla.lu_solve((factor, pivots), rhs, check_finite=False)
     kernel_weights, poly_weights = coefficients[:n_sites], coefficients[n_sites:]
 
     result = np.empty((new_scaled.shape[0], values.shape[1]))
@@ -236,6 +235,30 @@ def thin_plate_extend(new_coords, coords, values, *, smoothing=0.0, spacing=None
         kernel = thin_plate_kernel(cdist(part, scaled), dim)
         result[start:start + block] = kernel @ kernel_weights + poly_weights[0] + part @ poly_weights[1:]
     return result[:, 0] if vector else result
+
+
+def _thin_plate_factor(coords, smoothing, spacing):
+    """The factorised thin-plate system of the fitted sites: ``(centre, unit, scaled
+    coordinates, LU, pivots)``, cached by content (:mod:`xadapter.engine.geometry_cache`):
+    the rank search and the site cross-validation extend every candidate's basis from
+    the same sites, and the system's kernel and factorisation are most of an extension."""
+    def compute():
+        centre, unit = _scaling(coords, spacing)
+        scaled = (coords - centre) / unit
+        n_sites, dim = scaled.shape
+        system = np.zeros((n_sites + dim + 1, n_sites + dim + 1))
+        system[:n_sites, :n_sites] = thin_plate_kernel(cdist(scaled, scaled), dim)
+        system[np.arange(n_sites), np.arange(n_sites)] += smoothing
+        poly = np.hstack([np.ones((n_sites, 1)), scaled])
+        system[:n_sites, n_sites:] = poly
+        system[n_sites:, :n_sites] = poly.T
+        factor, pivots = sla.lu_factor(system, overwrite_a=True, check_finite=False)
+        return centre, np.array([unit]), scaled, factor, pivots
+
+    size = coords.shape[0] + coords.shape[1] + 1
+    key = GEOMETRY_CACHE.key("thin plate", coords, float(smoothing), None if spacing is None else float(spacing))
+    centre, unit, scaled, factor, pivots = GEOMETRY_CACHE.get(key, 8 * size * (size + 1) + 8 * coords.size, compute)
+    return centre, float(unit[0]), scaled, factor, pivots
 
 
 def local_extend(new_coords, coords, values, neighbors=DEFAULT_NEIGHBORS, smoothing=0.0, *,

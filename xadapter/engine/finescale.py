@@ -69,9 +69,6 @@ simulated truth was within 0.1 % of the exact predictor's in every case.
 
 from __future__ import annotations
 
-import hashlib
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -82,6 +79,7 @@ from scipy.optimize import least_squares, minimize
 from scipy.spatial import cKDTree
 
 from .checks import nonnegative
+from .geometry_cache import GEOMETRY_CACHE
 from ..exceptions import InputError, ProblemTooLargeError, warn
 from .geometry import chord_to_great_circle_km, sphere_xyz, validate_latlon
 from .kriging import (check_kriging_inputs, observation_patterns, prefers_posterior_by_time, score_posterior,
@@ -492,8 +490,8 @@ def _variogram_pairs(points, geographic, neighbours, max_pairs, seed):
         first, second = _sample_pairs(points, neighbours, max_pairs, np.random.default_rng(seed))
         return first, second, _distance_km(points[first], points[second], geographic)
 
-    key = _GEOMETRY_CACHE.key("pairs", points, bool(geographic), neighbours, max_pairs, seed)
-    return _GEOMETRY_CACHE.get(key, 3 * 8 * min(max_pairs, points.shape[0] ** 2), compute)
+    key = GEOMETRY_CACHE.key("pairs", points, bool(geographic), neighbours, max_pairs, seed)
+    return GEOMETRY_CACHE.get(key, 3 * 8 * min(max_pairs, points.shape[0] ** 2), compute)
 
 
 def pooled_variance(remainders):
@@ -611,8 +609,8 @@ def _centre_groups(points, centres, neighbours):
         return (np.stack([np.concatenate([[site], group[group != site][:neighbours]])
                           for site, group in zip(centres, index)]),)
 
-    key = _GEOMETRY_CACHE.key("groups", points, centres, neighbours)
-    return _GEOMETRY_CACHE.get(key, centres.size * (neighbours + 1) * 8, compute)[0]
+    key = GEOMETRY_CACHE.key("groups", points, centres, neighbours)
+    return GEOMETRY_CACHE.get(key, centres.size * (neighbours + 1) * 8, compute)[0]
 
 
 def _local_blocks(remainders, points, geographic, neighbours, max_centres, max_blocks, rng,
@@ -1209,70 +1207,32 @@ def _local_weights(observed_points, target_points, neighbour_index, params, geog
     diagonal = np.arange(neighbour_index.shape[1])
     system[:, diagonal, diagonal] += _effective_nugget(params)
     covariance = params.covariance(to_target)
-    weights = np.linalg.solve(system, covariance[:, :, None])[:, :, 0]
-    return weights, covariance
+    return _solve_positive_definite(system, covariance), covariance
 
 
-class _GeometryCache:
-    """Arrays that depend on site locations only, kept by content for reuse.
+def _solve_positive_definite(systems, right):
+    """``x_b = A_b^{-1} y_b`` for a batch of symmetric positive definite ``A`` (b, k, k), ``y`` (b, k).
 
-    The same sites and targets are kriged under many fine-scale models in the rank
-    search and the site cross-validation; their neighbour lists and the distances within
-    neighbourhoods (not the model) are much of the cost of a kriging system. Entries are
-    keyed by a digest of the arrays they derive from, read-only, and dropped oldest first
-    beyond ``total_bytes``; results above ``max_bytes`` are not kept.
+    A batched Cholesky factorisation and the two triangular substitutions row by row over
+    the whole batch: on hundreds of 30 x 30 systems a quarter less CPU than the batched
+    LU of ``np.linalg.solve`` (which also copies each matrix). Falls back to it for a
+    system that is not numerically positive definite.
     """
-
-    def __init__(self, total_bytes, max_bytes):
-        self.total_bytes, self.max_bytes = total_bytes, max_bytes
-        self.entries = OrderedDict()
-        self.lock = threading.Lock()
-
-    def clear(self):
-        with self.lock:
-            self.entries.clear()
-
-    @staticmethod
-    def key(*parts):
-        digest = hashlib.blake2b(digest_size=16)
-        for part in parts:
-            if isinstance(part, np.ndarray):
-                digest.update(np.ascontiguousarray(part).tobytes())
-                digest.update(str((part.shape, part.dtype.str)).encode())
-            else:
-                digest.update(repr(part).encode())
-        return digest.digest()
-
-    def get(self, key, expected_bytes, compute):
-        """The cached result of ``compute()`` (a tuple of arrays) under ``key``."""
-        if expected_bytes > self.max_bytes:
-            return compute()
-        with self.lock:
-            if key in self.entries:
-                self.entries.move_to_end(key)
-                return self.entries[key]
-        result = compute()
-        for array in result:
-            array.setflags(write=False)
-        with self.lock:
-            self.entries[key] = result
-            while sum(a.nbytes for entry in self.entries.values() for a in entry) > self.total_bytes:
-                self.entries.popitem(last=False)
-        return result
-
-
-#: Neighbour lists and neighbourhood distances, 128 MB in all, 16 MB an entry at most.
-_GEOMETRY_CACHE = _GeometryCache(128_000_000, 16_000_000)
-
-
-def clear_geometry_cache():
-    """Drop the cached neighbour lists, pair samples and distances (:class:`_GeometryCache`).
-
-    They are kept by content and reused by later fits on the same sites; clearing them
-    frees their memory (128 MB at most) and makes the next fit pay for its geometry, as
-    the first fit in a process does (benchmarks time such cold fits).
-    """
-    _GEOMETRY_CACHE.clear()
+    try:
+        lower = np.linalg.cholesky(systems)
+    except np.linalg.LinAlgError:
+        return np.linalg.solve(systems, right[:, :, None])[:, :, 0]
+    size = right.shape[1]
+    diagonal = np.diagonal(lower, axis1=1, axis2=2)
+    forward = np.empty_like(right)
+    for row in range(size):
+        forward[:, row] = (right[:, row] - np.einsum("bj,bj->b", lower[:, row, :row], forward[:, :row])) \
+            / diagonal[:, row]
+    solution = np.empty_like(right)
+    for row in range(size - 1, -1, -1):
+        solution[:, row] = (forward[:, row] - np.einsum("bj,bj->b", lower[:, row + 1:, row], solution[:, row + 1:])) \
+            / diagonal[:, row]
+    return solution
 
 
 def _neighbour_distances(observed_points, target_points, neighbour_index, geographic):
@@ -1282,8 +1242,8 @@ def _neighbour_distances(observed_points, target_points, neighbour_index, geogra
         return (_distance_km(neighbours[:, :, None, :], neighbours[:, None, :, :], geographic),
                 _distance_km(neighbours, target_points[:, None, :], geographic))
 
-    key = _GEOMETRY_CACHE.key("distances", observed_points, target_points, neighbour_index, bool(geographic))
-    return _GEOMETRY_CACHE.get(key, neighbour_index.size * neighbour_index.shape[1] * 8, compute)
+    key = GEOMETRY_CACHE.key("distances", observed_points, target_points, neighbour_index, bool(geographic))
+    return GEOMETRY_CACHE.get(key, neighbour_index.size * neighbour_index.shape[1] * 8, compute)
 
 
 def nearest_sites(points, queries, k):
@@ -1295,7 +1255,7 @@ def nearest_sites(points, queries, k):
         _, index = cKDTree(points).query(queries, k=k)
         return (np.asarray(index).reshape(queries.shape[0], k),)
 
-    return _GEOMETRY_CACHE.get(_GEOMETRY_CACHE.key("nearest", points, queries, k), queries.shape[0] * k * 8,
+    return GEOMETRY_CACHE.get(GEOMETRY_CACHE.key("nearest", points, queries, k), queries.shape[0] * k * 8,
                                compute)[0]
 
 
