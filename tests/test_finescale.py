@@ -1,3 +1,4 @@
+import hashlib
 import re
 
 import numpy as np
@@ -668,6 +669,34 @@ def test_batched_positive_definite_solve_equals_numpy(size):
     systems[7] = np.diag(np.r_[-1.0, np.ones(size - 1)])
     expected = np.linalg.solve(systems, right[:, :, None])[:, :, 0]
     np.testing.assert_allclose(fs._solve_positive_definite(systems, right), expected, rtol=1e-9, atol=1e-12)
+
+
+def test_newton_polish_finds_the_root_and_stops_at_the_rounding_floor():
+    """A smooth objective with rounding-sized jitter (as a likelihood summed in float64):
+    the polish lands on the minimiser to well within the jitter's effect and stops
+    instead of circling it."""
+    centre = np.array([0.3, 4.2])
+    hessian = np.array([[2.0, 0.3], [0.3, 0.5]])
+    calls = []
+
+    def objective(x):
+        calls.append(1)
+        d = x - centre
+        smooth = 10.0 + d @ hessian @ d + 0.1 * d[0] ** 3
+        # rounding: a different last digit for every point, however close
+        jitter = int.from_bytes(hashlib.blake2b(x.tobytes(), digest_size=2).digest(), "little") / 65535 - 0.5
+        return smooth * (1.0 + 8e-16 * jitter)
+
+    start = centre + np.array([2e-4, -3e-4])
+    polished = fs._newton_polish(objective, start, [(0.0, 1.0), (0.0, 10.0)])
+    np.testing.assert_allclose(polished, centre, atol=1e-9)
+    # a step costs 9 likelihoods in two coordinates: converged in a handful, not the 20 allowed
+    assert len(calls) <= 9 * 6
+    # without jitter the root is found as closely
+    calls.clear()
+    clean = fs._newton_polish(lambda x: 10.0 + (x - centre) @ hessian @ (x - centre), start,
+                              [(0.0, 1.0), (0.0, 10.0)])
+    np.testing.assert_allclose(clean, centre, atol=1e-12)
 
 
 def _blocks_by_hand(remainders, points, neighbours, max_centres, max_blocks, rng, coverage):

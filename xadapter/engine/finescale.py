@@ -868,6 +868,10 @@ def _curvature_scale(with_gradient, x, bounds, step=1e-4):
     return 1.0 / np.sqrt(np.maximum(np.abs(curvature), 1e-8))
 
 
+#: Steps of :func:`_newton_polish` below this that no longer halve are rounding, not progress.
+_POLISH_FLOOR = 1e-9
+
+
 def _newton_polish(objective, x, bounds, step=1e-4, max_iter=20):
     """Newton steps on the central-difference gradient from a quasi-Newton optimum.
 
@@ -876,7 +880,10 @@ def _newton_polish(objective, x, bounds, step=1e-4, max_iter=20):
     data summed in another order). The root of a fixed-step central-difference
     gradient is a smooth function of the data, so polishing to it makes the estimate
     reproducible to rounding. Coordinates within a few steps of a bound stay where
-    the optimiser put them.
+    the optimiser put them. The steps stop at the rounding floor of the differences
+    (a step under :data:`_POLISH_FLOOR` no shorter than half the last), where they
+    would only circle the root: on the ozone splits the two-parameter split ran 9-20
+    steps of 9 likelihoods each, circling at 1e-11.
     """
     x = np.array(x, dtype=np.float64)
     lower = np.array([b[0] for b in bounds])
@@ -885,6 +892,7 @@ def _newton_polish(objective, x, bounds, step=1e-4, max_iter=20):
     if not free.any():
         return x
     index = np.flatnonzero(free)
+    last = np.inf
     for _ in range(max_iter):
         gradient, hessian = _central_derivatives(objective, x, index, step)
         try:
@@ -898,6 +906,10 @@ def _newton_polish(objective, x, bounds, step=1e-4, max_iter=20):
         # sill) are left alone; the others are solved
         along = directions.T @ gradient
         move = -directions[:, ~flat] @ (along[~flat] / curvature[~flat])
+        size = float(np.max(np.abs(move))) if move.size else 0.0
+        if size > 0.5 * last and size < _POLISH_FLOOR:
+            break  # at the rounding floor: x is the root to within it
+        last = size
         trial = x.copy()
         trial[index] += move
         if np.any(trial[index] - lower[index] < 4 * step) or np.any(upper[index] - trial[index] < 4 * step):
