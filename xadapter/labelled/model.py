@@ -83,7 +83,9 @@ class SpatialAdapter:
         to unit largest eigenvalue, so ``tau1`` is in units of the eigenvalues of
         ``Dc^T Dc``, residual units squared times time steps). ``"cv"``: chosen by
         cross-validation over sites on the kriging CRPS among 0 and
-        :data:`xadapter.engine.pipeline.TAU1_CV_FACTORS` times the largest eigenvalue of ``Dc^T Dc``.
+        :data:`xadapter.engine.pipeline.TAU1_CV_FACTORS` times the largest eigenvalue of ``Dc^T Dc``;
+        with ``rank="auto"`` as well, each ``tau1 > 0`` is scored at the rank chosen
+        without smoothing.
     tau2 : float, default 0.0
         Sparsity weight (L1 norm of the basis).
     gamma : float or None, default None
