@@ -627,10 +627,16 @@ def test_small_network_kriged_time_by_time_equals_the_dense_reference(include_no
     by_time = fs.krige_with_fine_scale(data, loadings, eigenvalues, params, coords, k=30, **options)
     assert batched
     exact = fs.exact_krige(data, loadings, eigenvalues, params, coords, **options)
+    original_prefers = fs.prefers_posterior_by_time
     monkeypatch.setattr(fs, "prefers_posterior_by_time", lambda centred: False)
     by_pattern = fs.krige_with_fine_scale(data, loadings, eigenvalues, params, coords, k=30, **options)
     assert len(batched) == 1
-    for result in (by_time, by_pattern):
+    # many targets: slices of targets within blocks of times (a small block size forces both)
+    monkeypatch.setattr(fs, "_BLOCK_ENTRIES", 100)
+    monkeypatch.setattr(fs, "prefers_posterior_by_time", original_prefers)
+    sliced = fs.krige_with_fine_scale(data, loadings, eigenvalues, params, coords, k=30, **options)
+    assert len(batched) == 2
+    for result in (by_time, by_pattern, sliced):
         np.testing.assert_allclose(result[0], exact[0], atol=1e-10)
         np.testing.assert_allclose(result[1], exact[1], atol=1e-10)
     prior = (np.einsum("pk,k,pk->p", target_loadings, eigenvalues, target_loadings) + params.partial_sill

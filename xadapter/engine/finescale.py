@@ -1502,12 +1502,15 @@ def _dense_krige_by_time(centred, loadings, eigenvalues, params, points, target_
     n_targets, rank = target_loadings.shape
     system = params.covariance(_distance_km(points[:, None, :], points[None, :, :], geographic))
     system[np.diag_indices(n_sites)] += _effective_nugget(params)
-    cross = params.covariance(_distance_km(target_points[:, None, :], points[None, :, :], geographic))
+    def cross_of(part):  # C_fine(targets, sites), (p, N)
+        return params.covariance(_distance_km(target_points[part, None, :], points[None, :, :], geographic))
+
+    # computed once unless the targets are many (then slice by slice, in each block of times)
+    everything = cross_of(slice(None)) if n_targets * n_sites <= _BLOCK_ENTRIES else None
     root = np.sqrt(eigenvalues)
     scaled = loadings * root  # B D
     unit_sites, unit_rank = np.eye(n_sites), np.eye(rank)
-    per_time = n_sites * (n_sites + n_targets) + rank * (n_sites + n_targets + rank)
-    step = max(1, _BLOCK_ENTRIES // per_time)
+    step = max(1, _BLOCK_ENTRIES // (n_sites * (n_sites + rank) + rank * rank))
     for start in range(0, n_times, step):
         rows = slice(start, min(start + step, n_times))
         observed = ~np.isnan(centred[rows])
@@ -1519,11 +1522,17 @@ def _dense_krige_by_time(centred, loadings, eigenvalues, params, points, target_
         residuals = np.where(observed, centred[rows], 0.0)
         scores = np.einsum("bn,bnl,blm->bm", residuals, weighted, inverse) * root
         remainder = (residuals - scores @ loadings.T) * observed
-        weights = precision @ cross.T  # (B, N, P): simple-kriging weights of the targets
-        corrected = target_loadings - np.swapaxes(weights, 1, 2) @ loadings  # (B, P, L)
-        predicted[rows] = scores @ target_loadings.T + np.einsum("bn,bnp->bp", remainder, weights)
-        variance[rows] = (params.partial_sill + nugget - np.einsum("bnp,pn->bp", weights, cross)
-                          + np.einsum("bpl,blm,bpm->bp", corrected, score_covariance, corrected))
+        # targets in slices: the weights are (B, N, P) and the corrected loadings (B, P, L)
+        width = max(1, _BLOCK_ENTRIES // (observed.shape[0] * (n_sites + rank)))
+        for first in range(0, n_targets, width):
+            part = slice(first, min(first + width, n_targets))
+            cross = cross_of(part) if everything is None else everything[part]
+            weights = precision @ cross.T  # simple-kriging weights of the targets
+            corrected = target_loadings[part] - np.swapaxes(weights, 1, 2) @ loadings
+            predicted[rows, part] = (scores @ target_loadings[part].T
+                                     + np.einsum("bn,bnp->bp", remainder, weights))
+            variance[rows, part] = (params.partial_sill + nugget - np.einsum("bnp,pn->bp", weights, cross)
+                                    + np.einsum("bpl,blm,bpm->bp", corrected, score_covariance, corrected))
 
 
 def krige_with_fine_scale(data, loadings, eigenvalues, params, coords, *, target_loadings=None,
