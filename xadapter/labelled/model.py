@@ -510,7 +510,10 @@ class SpatialAdapter:
         self._check_units(observed)
         aligned = align_to_sites(observed, self._site_index(), site_dim, self._space_dims, time_dim)
         times = aligned[time_dim]
-        obs_stacked = self._with_fitted_coords(aligned)
+        # relabelled with the fitted coordinates only where they are read (xarray's
+        # assign_coords is a good part of a small kriging call)
+        obs_stacked = self._with_fitted_coords(aligned) if at is None or fitted.trend_coefficients is not None \
+            else None
         observed_covariates = target_covariates = None
         if fitted.trend_coefficients is not None:
             observed_covariates = self._covariates_at(covariates, obs_stacked, site_dim, time_dim, "observed")
