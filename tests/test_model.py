@@ -334,3 +334,30 @@ def test_rank_auto_with_tau1_cv_searches_tau1_at_the_rank_chosen_without_smoothi
     # (the three true components here, where the spectral rule keeps them too)
     chosen = selection.iloc[int(np.argmin(selection["crps"].values))]
     assert best_rank == 3 and int(chosen["rank"]) == 3 and adapter.effective_rank == 3
+
+
+def test_rank_auto_scores_no_rank_past_another_blocks_early_stop(monkeypatch):
+    """A candidate not scored in every time block is not a choice, so once one block stops
+    early no block scores ranks past that stop: the kept ranks scored are exactly those of
+    the eligible candidates (ozone split where the last block stops two ranks before the
+    first two did, when the blocks were swept one after the other)."""
+    from xadapter.engine import pipeline
+
+    cells = datasets.grid_to_cells(datasets.ozone_residuals(n_train=48)["residual"])
+    hidden = np.zeros(cells.sizes["cell"], bool)
+    hidden[np.random.default_rng(0).choice(hidden.size, int(round(0.2 * hidden.size)), replace=False)] = True
+    scored = []
+    original = pipeline.cross_validate_sites
+
+    def counting(model, target, folds, **options):
+        scored.append(int(np.sum(np.asarray(model.eigenvalues) > 0)))
+        return original(model, target, folds, **options)
+
+    monkeypatch.setattr(pipeline, "cross_validate_sites", counting)
+    adapter = SpatialAdapter(rank="auto").fit(cells.isel(cell=~hidden, time=slice(0, 48)))
+    search = scored[:-1]  # the last call is the calibration of the chosen model
+    eligible = adapter.selection["rank"].values.astype(int)
+    assert max(search) == eligible.max()
+    # every eligible rank scored once in each of the three blocks, nothing else
+    assert sorted(search) == sorted(list(eligible) * 3)
+    assert adapter.effective_rank == 1
