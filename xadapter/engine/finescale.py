@@ -599,6 +599,9 @@ class _LocalBlocks(NamedTuple):
     observed: np.ndarray  # (G, m + 1) bool: which members are observed (centre always)
     centre: np.ndarray  # (G,) int: row of ``distance`` holding the block's geometry
     distance: np.ndarray  # (C, m + 1, m + 1): distances within each centre's group, km
+    # (G, m + 1, m + 1) bool: pairs of observed members; None when every member is observed
+    # (formed once: each likelihood of a fit's optimisation reads it)
+    pairs: np.ndarray | None = None
 
 
 def _centre_groups(points, centres, neighbours):
@@ -657,7 +660,8 @@ def _local_blocks(remainders, points, geographic, neighbours, max_centres, max_b
         return None
     # only centres that keep a block carry their geometry
     used, centre = np.unique(centre, return_inverse=True)
-    return _LocalBlocks(products, counts, observed, centre.ravel(), distances[used])
+    pairs = None if observed.all() else observed[:, :, None] & observed[:, None, :]
+    return _LocalBlocks(products, counts, observed, centre.ravel(), distances[used], pairs)
 
 
 def _pattern_blocks(members, first_centre, patterns_per_centre, coverage):
@@ -722,7 +726,7 @@ def _local_system(blocks, correlation, partial_sill, nugget):
         covariance = partial_sill * correlation
         covariance[:, diagonal, diagonal] = partial_sill + white
         return covariance, None
-    pairs = observed[:, :, None] & observed[:, None, :]
+    pairs = blocks.pairs if blocks.pairs is not None else observed[:, :, None] & observed[:, None, :]
     covariance = np.where(pairs, partial_sill * correlation, 0.0)
     covariance[:, diagonal, diagonal] = np.where(observed, partial_sill + white, 1.0)
     return covariance, pairs
@@ -736,7 +740,7 @@ def _local_terms(blocks, covariance, weights, floor):
     variance = np.maximum(raw_variance, floor)
     products = blocks.cross_products
     squared_error = (products[:, 0, 0] - 2.0 * np.einsum("gk,gk->g", weights, products[:, 1:, 0])
-                     + np.einsum("gk,gkl,gl->g", weights, products[:, 1:, 1:], weights))
+                     + np.einsum("gk,gk->g", (products[:, 1:, 1:] @ weights[:, :, None])[:, :, 0], weights))
     value = float(np.sum(blocks.counts * np.log(variance) + squared_error / variance) / blocks.counts.sum())
     return value, raw_variance, variance, squared_error
 
@@ -782,14 +786,13 @@ def _local_negative_loglik_gradient(blocks, kind, sill, fraction, log_range):
     derivative[:, :, diagonal, diagonal] = 0.0
 
     inverse = np.linalg.inv(covariance[:, 1:, 1:])
-    weights = np.einsum("gkl,gl->gk", inverse, covariance[:, 1:, 0])
+    weights = (inverse @ covariance[:, 1:, :1])[:, :, 0]
     floor = _NUGGET_FLOOR * sill
     value, raw_variance, variance, squared_error = _local_terms(blocks, covariance, weights, floor)
     products = blocks.cross_products
-    adjoint = np.einsum("gkl,gl->gk", inverse,
-                        np.einsum("gkl,gl->gk", products[:, 1:, 1:], weights) - products[:, 1:, 0])
+    adjoint = (inverse @ (products[:, 1:, 1:] @ weights[:, :, None] - products[:, 1:, :1]))[:, :, 0]
     d_cross = derivative[:, :, 1:, 0]
-    moved = np.einsum("dgkl,gl->dgk", derivative[:, :, 1:, 1:], weights)  # dA w
+    moved = (derivative[:, :, 1:, 1:] @ weights[:, :, None])[..., 0]  # dA w
     d_variance = np.where(raw_variance > floor, np.einsum("dgk,gk->dg", moved - 2.0 * d_cross, weights), 0.0)
     d_error = 2.0 * np.einsum("dgk,gk->dg", d_cross - moved, adjoint)
     counts = blocks.counts
