@@ -32,6 +32,7 @@ into labels.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
 import warnings
@@ -375,9 +376,13 @@ class _Run:
                 else:
                     target = chunks.materialise(data[block]) - _trend_rows(covariates, core.trend_coef, block)
                 reference = _fitted(core, covariance, None, self.sites, s)
+                # the blocks are held at once: only the rows the fine scale and the scores read
+                fine_rows = evenly_spaced_times(train_data.shape[0], subsample_size(FINE_MAX_TIMES, n_sites))
+                scored_rows = evenly_spaced_times(target.shape[0], subsample_size(s.cv_max_times, n_sites))
                 states.append(_BlockSearch(
-                    train_data, core, covariance, target, reference,
-                    times=evenly_spaced_times(target.shape[0], subsample_size(s.cv_max_times, n_sites)),
+                    train_rows=chunks.take_rows(train_data, fine_rows),
+                    core=dataclasses.replace(core, filled=chunks.take_rows(core.filled, fine_rows)),
+                    covariance=covariance, target=chunks.take_rows(target, scored_rows), reference=reference,
                     extensions=[extend_to_held_out(reference, np.setdiff1d(everything, held), held)
                                 for held in folds],
                     keeps=_ranks_to_score(candidates, covariance.effective_rank)))
@@ -394,13 +399,12 @@ class _Run:
                     eigenvalues = np.where(np.arange(rank) < keep, state.covariance.eigenvalues, 0.0)
                     # each candidate's fine scale starts from the previous one's in its block; a
                     # block's first (rank 0, or the lowest kept) from the previous block's first
-                    state.fine = self.fine_scale(state.train_data, state.core, state.covariance, eigenvalues,
+                    state.fine = self.fine_scale(state.train_rows, state.core, state.covariance, eigenvalues,
                                                  start=first_fine if position == 0 else state.fine)
                     if position == 0:
                         first_fine = state.fine
                     model = state.reference.replace(eigenvalues=eigenvalues, fine=state.fine)
-                    cv = cross_validate_sites(model, state.target, folds, times=state.times,
-                                              extensions=state.extensions)
+                    cv = cross_validate_sites(model, state.target, folds, extensions=state.extensions)
                     state.scored[keep] = (cv.crps, cv.rmse, cv.coverage, float(cv.count.sum()))
                     state.stopped = _stop_early(state.scored)
                 if any(state.stopped for state in states):
@@ -460,12 +464,11 @@ class _Run:
 class _BlockSearch:
     """One time block of the search: the fit on the other times and its candidates' scores."""
 
-    train_data: object
-    core: object
+    train_rows: np.ndarray  # the training times the fine scale reads (FINE_MAX_TIMES at most)
+    core: object  # the fit on the training times, ``filled`` at those rows only
     covariance: object
-    target: np.ndarray
+    target: np.ndarray  # the block's times that are scored (``cv_max_times`` at most)
     reference: FittedModel
-    times: np.ndarray
     extensions: list
     keeps: list  # kept ranks to score, ascending
     scored: dict = field(default_factory=dict)  # kept rank -> (crps, rmse, coverage, count)
