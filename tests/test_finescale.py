@@ -522,7 +522,7 @@ def test_cached_neighbourhood_distances_give_the_same_kriging():
     targets = rng.uniform(0.0, 800.0, (40, 2))
     first = fs.FineScaleParams("exponential", partial_sill=1.0, range_km=150.0, nugget=0.2)
     second = fs.FineScaleParams("exponential", partial_sill=2.0, range_km=60.0, nugget=0.5)
-    GEOMETRY_CACHE.entries.clear()
+    clear_geometry_cache()
     cold = [fs.local_simple_krige(data, coords, targets, p, k=12) for p in (first, second)]
     assert len(GEOMETRY_CACHE.entries) > 0
     warm = [fs.local_simple_krige(data, coords, targets, p, k=12) for p in (first, second)]
@@ -533,7 +533,7 @@ def test_cached_neighbourhood_distances_give_the_same_kriging():
     # other targets of the same shape are other geometry, never a cache hit
     moved = targets + 25.0
     cached = fs.local_simple_krige(data, coords, moved, first, k=12)
-    GEOMETRY_CACHE.entries.clear()
+    clear_geometry_cache()
     fresh = fs.local_simple_krige(data, coords, moved, first, k=12)
     np.testing.assert_array_equal(cached[0], fresh[0])
     assert not np.allclose(fresh[0], cold[0][0])
@@ -821,3 +821,30 @@ def test_variogram_least_squares_is_the_best_of_a_fine_grid(weights):
     fractions = np.linspace(0.0, 1.0, 51)[None, None, :, None]
     grid = cost(sills * (1.0 - fractions), ranges, sills * fractions)
     assert cost(params.partial_sill, params.range_km, params.nugget) <= grid.min() + 1e-12
+
+
+def test_geometry_cache_keeps_its_byte_budget_least_recently_used_first():
+    from xadapter.engine.geometry_cache import GeometryCache
+
+    cache = GeometryCache(total_bytes=1000, max_bytes=400)
+    made = []
+
+    def entry(name):
+        def compute():
+            made.append(name)
+            return (np.zeros(300 // 8),)  # 296 bytes
+        return cache.get(cache.key(name), 296, compute)
+
+    for name in ("a", "b", "c"):
+        entry(name)
+    entry("a")  # a hit: "a" becomes the most recent
+    entry("d")  # over 1000 bytes: the least recent ("b") goes
+    assert made == ["a", "b", "c", "d"]
+    assert cache.held_bytes == 3 * 296 == sum(a.nbytes for e in cache.entries.values() for a in e)
+    entry("b")
+    assert made[-1] == "b" and cache.key("c") not in cache.entries
+    # too large to keep: computed every time, never stored
+    big = cache.get(cache.key("big"), 500, lambda: (np.zeros(63),))
+    assert big[0].flags.writeable and cache.key("big") not in cache.entries
+    cache.clear()
+    assert cache.held_bytes == 0 and not cache.entries

@@ -98,10 +98,12 @@ _BLOCK_ENTRIES = 1_000_000
 #: Up to this many sites (or ``k`` if larger), data with a pattern of gaps at nearly
 #: every time are kriged exactly, time by time (:func:`_dense_krige_by_time`): a
 #: batched ``N x N`` inverse a time costs less there than the ``N`` local ``k x k``
-#: systems and the Python round of each pattern. Measured with 6 % gaps, 8 targets,
-#: rank 10, k = 30 (local, then exact): 31 sites x 81 times 13 -> 3 ms, 64 x 200
-#: 195 -> 25 ms, 128 x 200 890 -> 94 ms, 200 x 200 990 -> 190 ms.
-EXACT_BY_TIME_MAX_SITES = 128
+#: systems and the Python round of each pattern. Measured with 6 % gaps, rank 10,
+#: k = 30 (local, then exact): 8 targets, 31 sites x 81 times 13 -> 3 ms, 64 x 200
+#: 195 -> 25 ms, 128 x 200 890 -> 94 ms, 200 x 200 990 -> 190 ms; 60 targets and 50
+#: times, 240 sites 192 -> 104 ms, 320 sites 352 -> 216 ms, 400 sites 455 -> 319 ms,
+#: 600 sites 613 -> 960 ms (where the local systems win).
+EXACT_BY_TIME_MAX_SITES = 256
 
 #: Largest network whose complete-data variogram is formed from the site Gram matrix
 #: (N x N, 32 MB at this size) rather than from differences per pair and time.

@@ -27,11 +27,13 @@ class GeometryCache:
     def __init__(self, total_bytes, max_bytes):
         self.total_bytes, self.max_bytes = total_bytes, max_bytes
         self.entries = OrderedDict()
+        self.held_bytes = 0  # of all entries: kept as they come and go, not summed on each insert
         self.lock = threading.Lock()
 
     def clear(self):
         with self.lock:
             self.entries.clear()
+            self.held_bytes = 0
 
     @staticmethod
     def key(*parts):
@@ -56,10 +58,16 @@ class GeometryCache:
         for array in result:
             array.setflags(write=False)
         with self.lock:
-            self.entries[key] = result
-            while sum(a.nbytes for entry in self.entries.values() for a in entry) > self.total_bytes:
-                self.entries.popitem(last=False)
+            if key not in self.entries:  # another thread may have stored it meanwhile
+                self.entries[key] = result
+                self.held_bytes += _size(result)
+            while self.held_bytes > self.total_bytes:
+                self.held_bytes -= _size(self.entries.popitem(last=False)[1])
         return result
+
+
+def _size(entry):
+    return sum(array.nbytes for array in entry)
 
 
 #: The process-wide cache, 128 MB in all, 16 MB an entry at most.
