@@ -602,8 +602,8 @@ def test_kriging_without_fine_scale_correlation_equals_the_dense_reference(inclu
     np.testing.assert_array_equal(mean[3], 0.0)
 
 
-@pytest.mark.parametrize("include_noise", [True, False])
-def test_small_network_kriged_time_by_time_equals_the_dense_reference(include_noise, monkeypatch):
+@pytest.mark.parametrize("include_noise, components", [(True, 3), (False, 3), (True, 0)])
+def test_small_network_kriged_time_by_time_equals_the_dense_reference(include_noise, components, monkeypatch):
     """At most k sites, a correlated fine scale and a pattern of gaps at nearly every time
     (a daily station network): the batched time-by-time path equals dense kriging and the
     pattern-by-pattern path, a time without observations included."""
@@ -612,7 +612,7 @@ def test_small_network_kriged_time_by_time_equals_the_dense_reference(include_no
     coords, targets = rng.uniform(0.0, 1200.0, (n_sites, 2)), rng.uniform(0.0, 1200.0, (n_targets, 2))
     loadings = np.linalg.qr(rng.normal(size=(n_sites, 4)))[0] * 3.0
     target_loadings = rng.normal(size=(n_targets, 4))
-    eigenvalues = np.array([6.0, 3.0, 1.0, 0.0])
+    eigenvalues = np.array([6.0, 3.0, 1.0, 0.0]) * (components > 0)  # 0: the fine scale alone
     mean, target_mean = rng.normal(size=n_sites), rng.normal(size=n_targets)
     data = rng.normal(size=(n_times, n_sites)) * 2.0
     data[rng.random(data.shape) < 0.1] = np.nan

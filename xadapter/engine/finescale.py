@@ -101,9 +101,8 @@ _BLOCK_ENTRIES = 1_000_000
 #: systems and the Python round of each pattern. Measured with 6 % gaps, rank 10,
 #: k = 30 (local, then exact): 8 targets, 31 sites x 81 times 13 -> 3 ms, 64 x 200
 #: 195 -> 25 ms, 128 x 200 890 -> 94 ms, 200 x 200 990 -> 190 ms; 60 targets and 50
-#: times, 240 sites 192 -> 104 ms, 320 sites 352 -> 216 ms, 400 sites 455 -> 319 ms,
-#: 600 sites 613 -> 960 ms (where the local systems win).
-EXACT_BY_TIME_MAX_SITES = 256
+#: times, 240 sites 139 -> 51 ms, 400 sites 466 -> 133 ms, 600 sites 577 -> 385 ms.
+EXACT_BY_TIME_MAX_SITES = 400
 
 #: Largest network whose complete-data variogram is formed from the site Gram matrix
 #: (N x N, 32 MB at this size) rather than from differences per pair and time.
@@ -1495,10 +1494,13 @@ def _dense_krige_by_time(centred, loadings, eigenvalues, params, points, target_
     Every time is kriged from its whole ``W = C_fine + tau_eff^2 I`` over the observed
     sites (as :class:`_DensePattern` does for a pattern of at most ``k`` sites); where
     nearly every time has its own pattern (a daily network with gaps) one batched
-    inverse over a block of times replaces a Python round per pattern and, above ``k``
-    sites, the ``n`` local ``k x k`` systems of each pattern. Each time's ``W`` is the full ``N x N`` system with its unobserved sites
-    decoupled (unit diagonal, zero covariance), whose inverse is the observed block's
-    inverse padded with zeros once those sites are masked out again.
+    factorisation over a block of times replaces a Python round per pattern and, above
+    ``k`` sites, the ``n`` local ``k x k`` systems of each pattern. Each time's ``W`` is
+    the full ``N x N`` system with its unobserved sites decoupled (unit diagonal, zero
+    covariance): solved against right-hand sides that are zero at those sites, it gives
+    the observed block's solution padded with zeros. With fewer right-hand sides
+    (loadings and targets) than about ``2N/3`` the systems are solved for them, else
+    inverted once (an inverse costs ``2N^3``, a solve ``2N^3/3 + 2N^2`` per column).
 
     Fills ``predicted`` and ``variance`` ``(T, P)`` in place (no target mean); raises
     ``LinAlgError`` when a system is singular.
@@ -1507,6 +1509,7 @@ def _dense_krige_by_time(centred, loadings, eigenvalues, params, points, target_
     n_targets, rank = target_loadings.shape
     system = params.covariance(_distance_km(points[:, None, :], points[None, :, :], geographic))
     system[np.diag_indices(n_sites)] += _effective_nugget(params)
+
     def cross_of(part):  # C_fine(targets, sites), (p, N)
         return params.covariance(_distance_km(target_points[part, None, :], points[None, :, :], geographic))
 
@@ -1514,14 +1517,21 @@ def _dense_krige_by_time(centred, loadings, eigenvalues, params, points, target_
     everything = cross_of(slice(None)) if n_targets * n_sites <= _BLOCK_ENTRIES else None
     root = np.sqrt(eigenvalues)
     scaled = loadings * root  # B D
+    solve = everything is not None and 3 * (rank + n_targets) < 2 * n_sites
+    right = np.hstack([scaled, everything.T]) if solve else None
     unit_sites, unit_rank = np.eye(n_sites), np.eye(rank)
-    step = max(1, _BLOCK_ENTRIES // (n_sites * (n_sites + rank) + rank * rank))
+    step = max(1, _BLOCK_ENTRIES // (n_sites * (n_sites + rank + (n_targets if solve else 0)) + rank * rank))
     for start in range(0, n_times, step):
         rows = slice(start, min(start + step, n_times))
         observed = ~np.isnan(centred[rows])
         both = observed[:, :, None] & observed[:, None, :]
-        precision = np.linalg.inv(np.where(both, system, unit_sites)) * both  # (B, N, N)
-        weighted = precision @ scaled  # Q B D
+        systems = np.where(both, system, unit_sites)
+        if solve:
+            solved = np.linalg.solve(systems, right * observed[:, :, None])  # zero at unobserved sites
+            weighted, target_weights = solved[:, :, :rank], solved[:, :, rank:]  # Q B D, Q c
+        else:
+            precision = np.linalg.inv(systems) * both  # (B, N, N)
+            weighted = precision @ scaled
         inverse = np.linalg.inv(unit_rank + np.swapaxes(weighted, 1, 2) @ scaled)  # (I + D B^T Q B D)^-1
         score_covariance = root[:, None] * inverse * root[None, :]
         residuals = np.where(observed, centred[rows], 0.0)
@@ -1532,7 +1542,8 @@ def _dense_krige_by_time(centred, loadings, eigenvalues, params, points, target_
         for first in range(0, n_targets, width):
             part = slice(first, min(first + width, n_targets))
             cross = cross_of(part) if everything is None else everything[part]
-            weights = precision @ cross.T  # simple-kriging weights of the targets
+            # simple-kriging weights of the targets
+            weights = target_weights[:, :, part] if solve else precision @ cross.T
             corrected = target_loadings[part] - np.swapaxes(weights, 1, 2) @ loadings
             predicted[rows, part] = (scores @ target_loadings[part].T
                                      + np.einsum("bn,bnp->bp", remainder, weights))
@@ -1615,7 +1626,7 @@ def krige_with_fine_scale(data, loadings, eigenvalues, params, coords, *, target
             variance[rows] = nugget + np.einsum("pk,tkl,pl->tp", target_loadings, covariance, target_loadings)
         np.maximum(variance, 0.0, out=variance)
         return predicted + target_mean, variance
-    if (scores == "local" and eigenvalues.size and centred.shape[1] <= max(k, EXACT_BY_TIME_MAX_SITES)
+    if (scores == "local" and centred.shape[1] <= max(k, EXACT_BY_TIME_MAX_SITES)
             and prefers_posterior_by_time(centred)):
         try:
             _dense_krige_by_time(centred, loadings, eigenvalues, params, points, target_loadings, target_points,
