@@ -602,8 +602,8 @@ class _LocalBlocks(NamedTuple):
     observed: np.ndarray  # (G, m + 1) bool: which members are observed (centre always)
     centre: np.ndarray  # (G,) int: row of ``distance`` holding the block's geometry
     distance: np.ndarray  # (C, m + 1, m + 1): distances within each centre's group, km
-    # (G, m + 1, m + 1) bool: pairs of observed members; None when every member is observed
-    # (formed once: each likelihood of a fit's optimisation reads it)
+    # (G, m + 1, m + 1) bool: pairs of observed members; None exactly when every member of
+    # every block is observed (formed once: each likelihood of a fit's optimisation reads it)
     pairs: np.ndarray | None = None
 
 
@@ -722,16 +722,15 @@ def _local_system(blocks, correlation, partial_sill, nugget):
     mask of observed pairs (None when every member of every block is observed).
     Unobserved neighbours are decoupled (unit diagonal, zero covariance); a floor on the
     nugget keeps coincident sites and a zero nugget from a singular system."""
-    observed = blocks.observed
     white = max(nugget, _NUGGET_FLOOR * (partial_sill + nugget))
     diagonal = np.arange(correlation.shape[1])
-    if observed.all():
+    pairs = blocks.pairs
+    if pairs is None:  # every member of every block observed
         covariance = partial_sill * correlation
         covariance[:, diagonal, diagonal] = partial_sill + white
         return covariance, None
-    pairs = blocks.pairs if blocks.pairs is not None else observed[:, :, None] & observed[:, None, :]
     covariance = np.where(pairs, partial_sill * correlation, 0.0)
-    covariance[:, diagonal, diagonal] = np.where(observed, partial_sill + white, 1.0)
+    covariance[:, diagonal, diagonal] = np.where(blocks.observed, partial_sill + white, 1.0)
     return covariance, pairs
 
 
@@ -1617,7 +1616,8 @@ def krige_with_fine_scale(data, loadings, eigenvalues, params, coords, *, target
     prior_low_rank = np.einsum("pk,k,pk->p", target_loadings, eigenvalues, target_loadings)
     predicted = np.zeros((n_times, n_targets))
     variance = np.broadcast_to(prior_low_rank + params.partial_sill + nugget, (n_times, n_targets)).copy()
-    if params.partial_sill == 0 and eigenvalues.size and prefers_posterior_by_time(centred):
+    by_time = prefers_posterior_by_time(centred)
+    if params.partial_sill == 0 and eigenvalues.size and by_time:
         # no fine-scale correlation: the remainders carry nothing to the targets (zero
         # kriging weights) and the local precision is 1 / sill exactly, so only the
         # scores' posterior is left, solved for all times at once where nearly every
@@ -1628,8 +1628,7 @@ def krige_with_fine_scale(data, loadings, eigenvalues, params, coords, *, target
             variance[rows] = nugget + np.einsum("pk,tkl,pl->tp", target_loadings, covariance, target_loadings)
         np.maximum(variance, 0.0, out=variance)
         return predicted + target_mean, variance
-    if (scores == "local" and centred.shape[1] <= max(k, EXACT_BY_TIME_MAX_SITES)
-            and prefers_posterior_by_time(centred)):
+    if scores == "local" and by_time and centred.shape[1] <= max(k, EXACT_BY_TIME_MAX_SITES):
         try:
             _dense_krige_by_time(centred, loadings, eigenvalues, params, points, target_loadings, target_points,
                                  nugget, geographic, predicted, variance)

@@ -389,6 +389,7 @@ class _Run:
             # kept ranks in rounds across the blocks: a candidate not scored in every block is
             # not a choice, so once one block stops early, ranks past its stop are not scored
             # in the others either (the same choice as block by block, fewer candidates)
+            stopped = False
             for position in range(max(len(state.keeps) for state in states)):
                 for number, state in enumerate(states):
                     if position >= len(state.keeps):
@@ -406,15 +407,13 @@ class _Run:
                     model = state.reference.replace(eigenvalues=eigenvalues, fine=state.fine)
                     cv = cross_validate_sites(model, state.target, folds, extensions=state.extensions)
                     state.scored[keep] = (cv.crps, cv.rmse, cv.coverage, float(cv.count.sum()))
-                    state.stopped = _stop_early(state.scored)
-                if any(state.stopped for state in states):
-                    for state in states:
-                        state.stopped = True
+                    stopped |= _stop_early(state.scored)
+                if stopped:
                     break
             for state in states:
                 effective_rank = state.covariance.effective_rank
                 if candidates is ranks:
-                    widen |= s.rank == "auto" and not state.stopped and effective_rank >= rank
+                    widen |= s.rank == "auto" and not stopped and effective_rank >= rank
                 for candidate in candidates:
                     keep = _kept_rank(candidate, effective_rank)
                     if keep not in state.scored:
@@ -473,7 +472,6 @@ class _BlockSearch:
     keeps: list  # kept ranks to score, ascending
     scored: dict = field(default_factory=dict)  # kept rank -> (crps, rmse, coverage, count)
     fine: object = None
-    stopped: bool = False
 
 
 def _best_candidate(totals, skipped, tau1):
