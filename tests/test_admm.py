@@ -254,7 +254,7 @@ def test_progress_is_silent_by_default_and_reports_on_request(capsys):
     with pytest.warns(RuntimeWarning, match="did not meet its stopping rule"):
         fit = fit_adapter(data, 2, progress=1, max_iter=3, min_iter=3, tol_abs=0, tol_rel=0)
     assert not fit.converged and fit.n_iter == 3
-    assert capsys.readouterr().err.count("ADMM iteration") == 3
+    assert capsys.readouterr().err.count("xadapter fit iteration") == 3
 
 
 @pytest.mark.parametrize(

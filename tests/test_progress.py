@@ -16,10 +16,14 @@ def gappy(n_times=40, n_sites=15, seed=0):
     return data
 
 
-def test_admm_bar_shown_with_true(capsys):
+def test_bar_shown_with_true_names_the_loop(capsys):
     fit_adapter(gappy(), 2, progress=True)
     err = capsys.readouterr().err
-    assert "xadapter ADMM" in err and "basis" in err
+    assert "xadapter fit converged" in err and "basis" in err
+    covariates = np.random.default_rng(1).standard_normal((40, 2))
+    fit_adapter(gappy(), 2, covariates=covariates, progress=True)  # a trend: the ADMM
+    err = capsys.readouterr().err
+    assert "xadapter ADMM converged" in err and "basis" in err
 
 
 def test_admm_silent_with_false(capsys):

@@ -32,7 +32,7 @@ class ProblemTooLargeError(InputError):
 
 
 class WorkerLostError(XAdapterError, RuntimeError):
-    """Part of the ADMM state held on ``dask.distributed`` workers was lost with a worker
+    """Part of the fit's iterative state (filled field, ADMM or alternation memory) held on ``dask.distributed`` workers was lost with a worker
     and cannot be recomputed: the fit cannot go on (run it again)."""
 
 

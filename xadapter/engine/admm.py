@@ -77,7 +77,11 @@ iteration of the last full sweep over the windows (and of the last ``phi_every``
 iterations) passes.
 
 With no covariates and no missing entry the loop is skipped: ``Z = R`` and one exact
-Phi-step is the answer (``skipped_loop=True``, one history row).
+Phi-step is the answer (``skipped_loop=True``, one history row). With no covariates
+but gaps, and every time in each iteration (``batch_size`` None, no momentum, a
+Phi-step every iteration), ``Z`` and ``U`` carry nothing the two exact block steps do
+not: :mod:`xadapter.engine.alternation` alternates the gap fill and the Phi-step
+(Anderson-accelerated), to the same fixed point in fewer and cheaper iterations.
 
 **Where the state lives.** Per-window work (the fill, the Z-step, the U-step) touches
 rows of the stored arrays only; the full-field work (the theta-step's ``X^T M y``,
@@ -136,7 +140,9 @@ class AdapterFit:
         Residual trend coefficients ``theta``; None without covariates.
     history : dict of ndarray
         Equal-length arrays over iterations: ``iteration`` (1-based; 0 for the
-        skipped loop), ``primal_residual``, ``dual_residual`` (residual units),
+        skipped loop), ``primal_residual``, ``dual_residual`` (residual units; without
+        a trend, the fill's distance from its conditional minimiser and the length of
+        the fill's step, :mod:`xadapter.engine.alternation`),
         ``basis_change`` (span distance), ``objective`` (``||J W (I - P)||^2`` plus
         the penalties at the current ``(theta, Phi)``, residual units squared).
     converged : bool
@@ -213,6 +219,10 @@ class _Settings:
     tol_abs: float
     tol_rel: float
 
+    def plain_steps(self):
+        """No setting that only the ADMM's windows have (Phi-step every iteration, never frozen, no momentum)."""
+        return self.phi_every == 1 and self.phi_freeze is None and self.momentum == 0
+
     def phi_step_due(self, iteration):
         if self.phi_freeze is not None and iteration > self.phi_freeze:
             return False
@@ -246,22 +256,23 @@ class _Progress:
     iterations, for logs) or a callable (called with every record).
     """
 
-    def __init__(self, progress, max_iter):
+    def __init__(self, progress, max_iter, name="ADMM"):
         self.callback = self.every = None
         self.bar = None
+        self.name = name
         if callable(progress):
             self.callback = progress
         elif isinstance(progress, (int, np.integer)) and not isinstance(progress, (bool, np.bool_)):
             self.every = _positive_int("progress", progress)
         else:
-            self.bar = progress_bar(progress, max_iter, "xadapter ADMM")
+            self.bar = progress_bar(progress, max_iter, f"xadapter {name}")
 
     def __call__(self, record):
         if self.callback is not None:
             self.callback(record)
         elif self.every is not None:
             if record["iteration"] % self.every == 0:
-                print(f"xadapter ADMM iteration {record['iteration']}: primal {record['primal_residual']:.3e}, "
+                print(f"xadapter {self.name} iteration {record['iteration']}: primal {record['primal_residual']:.3e}, "
                       f"dual {record['dual_residual']:.3e}, basis change {record['basis_change']:.3e}, "
                       f"objective {record['objective']:.6e}", file=sys.stderr, flush=True)
         else:
@@ -272,7 +283,8 @@ class _Progress:
     def close(self, converged):
         if self.bar is not None:
             # a bar that stops short of max_iter says why
-            self.bar.set_description("xadapter ADMM converged" if converged else "xadapter ADMM (not converged)")
+            self.bar.set_description(f"xadapter {self.name} converged" if converged
+                                    else f"xadapter {self.name} (not converged)")
             self.bar.close()
 
 
@@ -839,7 +851,6 @@ def fit_adapter(data, rank, *, omega=None, tau1=0.0, tau2=0.0, covariates=None, 
     if batch_size != "chunks":
         batch_size = _positive_int("batch_size", batch_size, allow_none=True)
     ridge = _nonnegative("ridge", ridge)
-    report = _Progress(progress, settings.max_iter)
     if covariates is not None:
         covariates = as_covariates(covariates, n_times, n_sites)
 
@@ -847,6 +858,11 @@ def fit_adapter(data, rank, *, omega=None, tau1=0.0, tau2=0.0, covariates=None, 
         return _exact_fit(data, settings, init)
 
     store = open_store(data, workspace, observed=None if is_lazy(data) else observed)
+    if covariates is None and batch_size is None and settings.plain_steps():
+        from .alternation import fit_by_alternation  # it builds on this module's kernels
+
+        return fit_by_alternation(store, settings, init, _Progress(progress, settings.max_iter, "fit"))
+    report = _Progress(progress, settings.max_iter)
     driver = _Driver(store, any_missing, covariates, ridge, settings, init)
     windows = list(store.rows) if batch_size == "chunks" else _windows(n_times, batch_size)
     rng = np.random.default_rng(seed)

@@ -317,7 +317,7 @@ class WorkerStore(_Store):
         workers = f"worker(s) {', '.join(gone)}" if gone else "a worker"
         rows = [self.rows[i] for i in indices]
         shown = ", ".join(f"{r.start}-{r.stop - 1}" for r in rows[:5]) + (", ..." if len(rows) > 5 else "")
-        return (f"the fit lost part of its ADMM state on the dask.distributed cluster: {workers} left "
+        return (f"the fit lost part of its iterative state on the dask.distributed cluster: {workers} left "
                 f"holding values needed by the blocks of time rows {shown}, and dask cannot recompute them "
                 f"({type(error).__name__}: {error}). Nothing was returned; run the fit again on a healthy "
                 "cluster (or without a distributed Client, on the local scheduler).")
