@@ -1,4 +1,7 @@
-"""Iterations and wall time of the ADMM with default settings on station networks.
+"""Iterations and wall time of the fit loop with default settings on station networks.
+
+With a trend the loop is the ADMM; without one (the "gaps without a trend" case) the
+Anderson-accelerated alternation of gap fill and basis step.
 
 The reference case is an ordinary daily station network: 300 stations, 365 days,
 a smooth rank-3 field with AR(1) scores, noise, 20 % of the entries missing at random

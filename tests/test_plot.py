@@ -31,7 +31,7 @@ def grid_field():
 
 @pytest.fixture(scope="module")
 def grid_adapter(grid_field):
-    # complete data, no trend: the exact solution, ADMM loop skipped
+    # complete data, no trend: the exact solution, loop skipped
     return SpatialAdapter(rank=4).fit(grid_field["residual"])
 
 
@@ -42,7 +42,7 @@ def station_field():
 
 @pytest.fixture(scope="module")
 def station_adapter(station_field):
-    # missing values: the ADMM loop runs
+    # missing values: the loop runs (the alternation, no trend)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         return SpatialAdapter(rank=4, fine_scale=None).fit(station_field["residual"])

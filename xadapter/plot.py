@@ -402,7 +402,11 @@ def _overlay_sites(ax, sites):
 
 # ---------------------------------------------------------------------- diagnostics
 def convergence(adapter, ax=None, *, figsize=None):
-    """ADMM convergence: primal and dual residuals and basis change per iteration.
+    """Convergence of the fit: primal and dual residuals and basis change per iteration.
+
+    With a trend the loop is the ADMM (its primal and dual residuals); without one,
+    the alternation of gap fill and basis step (the fill's distance from its
+    conditional minimiser, and the length of its step).
 
     Parameters
     ----------
@@ -421,11 +425,11 @@ def convergence(adapter, ax=None, *, figsize=None):
     _, ax = _new_axes(ax, figsize)
     skipped = bool(state.attrs.get("skipped_loop", False))
     if skipped:
-        ax.text(0.5, 0.5, "ADMM loop skipped:\nexact solution in one basis step\n(no trend, no missing values)",
+        ax.text(0.5, 0.5, "fit loop skipped:\nexact solution in one basis step\n(no trend, no missing values)",
                 ha="center", va="center", transform=ax.transAxes)
         ax.set_xticks([])
         ax.set_yticks([])
-        ax.set_title("ADMM convergence")
+        ax.set_title("fit convergence")
         return ax
     iteration = state["history_iteration"].values if "history_iteration" in state else None
     for key, label in _HISTORY_CURVES:
@@ -440,7 +444,7 @@ def convergence(adapter, ax=None, *, figsize=None):
     ax.set_ylabel("residual / change")
     ax.legend()
     status = "converged" if state.attrs.get("converged", True) else "NOT converged"
-    ax.set_title(f"ADMM convergence ({status}, {int(state.attrs.get('n_iter', 0))} iterations)")
+    ax.set_title(f"fit convergence ({status}, {int(state.attrs.get('n_iter', 0))} iterations)")
     return ax
 
 

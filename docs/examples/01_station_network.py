@@ -7,9 +7,9 @@ the reports are missing at random. The field is synthetic, so the truth is known
 three smooth patterns with AR(1) scores plus white noise
 (:func:`xadapter.datasets.synthetic_field`).
 
-1. Fit an adapter on the first 180 days. Missing values make the fit run the
-   three-block ADMM loop (they are filled from the current reconstruction), so its
-   convergence history is worth a look.
+1. Fit an adapter on the first 180 days. Missing values make the fit iterate
+   (without a trend, an Anderson-accelerated alternation of the gap fill and the basis
+   step; with one, the three-block ADMM), so its convergence history is worth a look.
 2. Compare the fitted basis with the true patterns (cosines of the principal angles
    between the two subspaces).
 3. On a later day, 30 % of the stations report nothing. Krige that day's residual
