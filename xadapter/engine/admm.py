@@ -752,7 +752,11 @@ def fit_adapter(data, rank, *, omega=None, tau1=0.0, tau2=0.0, covariates=None, 
                 has_gaps=None, workspace=None):
     """Fit the spatial adapter: basis, scores, per-site mean and residual trend.
 
-    Runs the three-block ADMM described in the module docstring.
+    Runs the three-block ADMM described in the module docstring; without covariates
+    (and with ``batch_size``, ``momentum``, ``phi_every`` and ``phi_freeze`` at their
+    defaults) the Anderson-accelerated alternation of the gap fill and the Phi-step
+    (:mod:`xadapter.engine.alternation`), which reaches the same fixed point, and with
+    neither covariates nor gaps one exact Phi-step.
 
     Parameters
     ----------
