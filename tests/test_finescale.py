@@ -848,3 +848,35 @@ def test_geometry_cache_keeps_its_byte_budget_least_recently_used_first():
     assert big[0].flags.writeable and cache.key("big") not in cache.entries
     cache.clear()
     assert cache.held_bytes == 0 and not cache.entries
+
+
+def test_observed_blocks_solved_from_the_complement_in_the_full_inverse():
+    """Each row's ``W_oo^-1 b_o`` (zero at its gaps): from the full inverse where at most half
+    the sites are missing, by its own factorisation otherwise; equal to a direct solve of the
+    observed block for complete rows, rows with one gap, many gaps, and none observed."""
+    rng = np.random.default_rng(12)
+    n_sites = 40
+    points = rng.uniform(0.0, 500.0, (n_sites, 2))
+    system = np.exp(-np.linalg.norm(points[:, None] - points[None], axis=-1) / 150.0) + 0.05 * np.eye(n_sites)
+    inverse = np.linalg.inv(system)
+    observed = rng.random((9, n_sites)) > 0.1
+    observed[0] = True  # complete
+    observed[1] = True
+    observed[1, 5] = False  # one gap
+    observed[2] = rng.random(n_sites) > 0.7  # most sites missing: its own factorisation
+    observed[3] = False  # nothing observed
+    observed[4, :20] = False  # exactly half missing: the complement
+    right = rng.normal(size=(n_sites, 6))
+    solved = fs._observed_solve(system, inverse, inverse @ right, observed, right)
+    for row, seen in enumerate(observed):
+        expected = np.zeros((n_sites, 6))
+        if seen.any():
+            expected[seen] = np.linalg.solve(system[np.ix_(seen, seen)], right[seen])
+        np.testing.assert_allclose(solved[row], expected, atol=1e-10 * np.abs(expected).max(initial=1.0))
+        assert np.all(solved[row][~seen] == 0.0)
+    # rows of the complement only: the same as above, one at a time or together
+    few = observed[[0, 1, 4, 5]]
+    together = fs._complement_solve(inverse, inverse @ right, few)
+    for row, seen in enumerate(few):
+        alone = fs._complement_solve(inverse, inverse @ right, seen[None])
+        np.testing.assert_allclose(together[row], alone[0], atol=1e-12)

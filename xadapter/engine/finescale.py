@@ -1488,6 +1488,51 @@ class _DensePattern:
             yield part, index, weights, covariance
 
 
+def _complement_solve(inverse, solved, observed):
+    """``W_oo^-1 right_o`` for each row of ``observed`` (B, N), zero at the unobserved sites,
+    from ``inverse = W^-1`` and ``solved = W^-1 right`` of all sites.
+
+    With ``P = W^-1`` and ``u`` the unobserved sites, ``W_oo^-1 = P_oo - P_ou P_uu^-1 P_uo``
+    gives ``W_oo^-1 right_o = [solved - P_:u P_uu^-1 solved_u]_o`` (and zero at ``u``): a
+    solve of the ``m x m`` block at the gaps and an ``N x m`` product per row. The gaps
+    of each row come first in ``order``, padded to the most in a row with observed sites,
+    which are decoupled (identity in ``P_uu``, zero in ``solved_u``) and drop out.
+    """
+    missing = ~observed
+    width = int(missing.sum(axis=1).max())
+    if width == 0:
+        return np.broadcast_to(solved, observed.shape + solved.shape[1:]).copy()
+    order = np.argsort(observed, axis=1, kind="stable")[:, :width]
+    padding = np.take_along_axis(observed, order, axis=1)
+    gap_block = np.where(padding[:, :, None] | padding[:, None, :], np.eye(width),
+                         inverse[order[:, :, None], order[:, None, :]])
+    at_gaps = np.where(padding[:, :, None], 0.0, solved[order])
+    result = solved - np.swapaxes(inverse[:, order], 0, 1) @ np.linalg.solve(gap_block, at_gaps)
+    return result * observed[:, :, None]  # zero at the gaps (rounding-sized there before)
+
+
+def _observed_solve(system, inverse, solved, observed, right):
+    """``W_oo^-1 right_o`` for each row of ``observed`` (B, N), zero at the unobserved sites.
+
+    ``system`` is ``W`` (N, N) over all sites, ``inverse`` its inverse and ``solved`` is
+    ``W^-1 right`` (N, R). Rows with at most half their sites missing take the
+    complement in the full inverse (:func:`_complement_solve`, ``O(N m R + m^3)`` a row
+    for ``m`` gaps); the others a solve of their own system with the unobserved sites
+    decoupled (``O(N^3)`` a row).
+    """
+    n_sites = system.shape[0]
+    few = (~observed).sum(axis=1) * 2 <= n_sites
+    if few.all():
+        return _complement_solve(inverse, solved, observed)
+    result = np.empty(observed.shape + right.shape[1:])
+    if few.any():
+        result[few] = _complement_solve(inverse, solved, observed[few])
+    many = observed[~few]
+    both = many[:, :, None] & many[:, None, :]
+    result[~few] = np.linalg.solve(np.where(both, system, np.eye(n_sites)), right[None] * many[:, :, None])
+    return result
+
+
 def _dense_krige_by_time(centred, loadings, eigenvalues, params, points, target_loadings, target_points,
                          nugget, geographic, predicted, variance):
     """:func:`krige_with_fine_scale` on a small network, exactly, time by time in batches.
@@ -1521,17 +1566,19 @@ def _dense_krige_by_time(centred, loadings, eigenvalues, params, points, target_
     solve = everything is not None and 3 * (rank + n_targets) < 2 * n_sites
     right = np.hstack([scaled, everything.T]) if solve else None
     unit_sites, unit_rank = np.eye(n_sites), np.eye(rank)
+    # W^-1 of all sites, once: each time's observed block is solved from its complement
+    system_inverse = sla.cho_solve(sla.cho_factor(system, lower=True), unit_sites)
+    system_inverse = 0.5 * (system_inverse + system_inverse.T)
+    solved_all = system_inverse @ right if solve else system_inverse  # W^-1 right (N, R)
     step = max(1, _BLOCK_ENTRIES // (n_sites * (n_sites + rank + (n_targets if solve else 0)) + rank * rank))
     for start in range(0, n_times, step):
         rows = slice(start, min(start + step, n_times))
         observed = ~np.isnan(centred[rows])
-        both = observed[:, :, None] & observed[:, None, :]
-        systems = np.where(both, system, unit_sites)
         if solve:
-            solved = np.linalg.solve(systems, right * observed[:, :, None])  # zero at unobserved sites
+            solved = _observed_solve(system, system_inverse, solved_all, observed, right)  # zero at unobserved sites
             weighted, target_weights = solved[:, :, :rank], solved[:, :, rank:]  # Q B D, Q c
         else:
-            precision = np.linalg.inv(systems) * both  # (B, N, N)
+            precision = _observed_solve(system, system_inverse, solved_all, observed, unit_sites)  # (B, N, N)
             weighted = precision @ scaled
         inverse = np.linalg.inv(unit_rank + np.swapaxes(weighted, 1, 2) @ scaled)  # (I + D B^T Q B D)^-1
         score_covariance = root[:, None] * inverse * root[None, :]
