@@ -826,30 +826,29 @@ def _split_sill_locally(blocks, kind, sill, range_km, nugget, range_bounds, warm
     # variogram's range is arbitrary when its partial sill is zero; a coarse grid picks
     # the basin, so a change of the data in the last digit cannot move the start (and
     # the answer) from one optimum to the other.
-    start_range = float(np.clip(np.log(range_km), *log_bounds))
-    starts = [[float(np.clip(nugget / sill, 0.0, 1.0)), start_range]]
+    start = [float(np.clip(nugget / sill, 0.0, 1.0)), float(np.clip(np.log(range_km), *log_bounds))]
     if not warm:
+        # one local search, from the best of the grid and the given split: a second search
+        # from the given split as well ended at the same model (covariances equal to 1e-11)
+        # on 69 cold splits (ozone complete and with gaps, daily and persistent networks,
+        # stationary fields) and took as many gradients again
         grid = [(fraction, log_range) for fraction in _SPLIT_GRID_FRACTIONS
-                for log_range in np.linspace(*log_bounds, _SPLIT_GRID_RANGES)]
-        starts.append(list(min(grid, key=lambda x: (objective(np.array(x)), x))))
+                for log_range in np.linspace(*log_bounds, _SPLIT_GRID_RANGES)] + [tuple(start)]
+        start = list(min(grid, key=lambda x: (objective(np.array(x)), x)))
     bounds = np.array([(0.0, 1.0), log_bounds])
     # a warm start (a candidate of a search, refitted in full if chosen) needs its optimum
     # to the precision of a score, not of a final estimate; it starts near it, where
     # scaling each coordinate by its curvature saves L-BFGS-B a fifth of its evaluations
-    scale = _curvature_scale(with_gradient, np.clip(starts[0], bounds[:, 0], bounds[:, 1]), bounds) if warm \
+    scale = _curvature_scale(with_gradient, np.clip(start, bounds[:, 0], bounds[:, 1]), bounds) if warm \
         else np.ones(2)
 
     def scaled(z):
         value, gradient = with_gradient(z * scale)
         return value, gradient * scale
 
-    best = None
-    for start in starts:
-        result = minimize(scaled, np.asarray(start) / scale, jac=True, method="L-BFGS-B",
-                          bounds=bounds / scale[:, None], options={"ftol": _WARM_SPLIT_FTOL} if warm else None)
-        result.x = result.x * scale
-        if best is None or (result.fun, tuple(result.x)) < (best.fun, tuple(best.x)):
-            best = result
+    best = minimize(scaled, np.asarray(start) / scale, jac=True, method="L-BFGS-B",
+                    bounds=bounds / scale[:, None], options={"ftol": _WARM_SPLIT_FTOL} if warm else None)
+    best.x = best.x * scale
     fraction, log_range = best.x if warm else _newton_polish(objective, best.x, [(0.0, 1.0), log_bounds])
     # Spatially white remainders: the pure nugget (range irrelevant) unless the correlated
     # part buys more likelihood than its two parameters cost (AIC on the pooled composite
