@@ -670,11 +670,16 @@ def test_batched_positive_definite_solve_equals_numpy(size):
     systems = factors @ np.swapaxes(factors, 1, 2) + 0.1 * np.eye(size)
     right = rng.normal(size=(50, size))
     expected = np.linalg.solve(systems, right[:, :, None])[:, :, 0]
-    np.testing.assert_allclose(fs._solve_positive_definite(systems, right), expected, rtol=1e-9, atol=1e-12)
+    factor = fs._BatchedCholesky(systems)
+    np.testing.assert_allclose(factor.solve(right), expected, rtol=1e-9, atol=1e-12)
+    # the same factor for a second right-hand side
+    other = rng.normal(size=(50, size))
+    np.testing.assert_allclose(factor.solve(other), np.linalg.solve(systems, other[:, :, None])[:, :, 0],
+                               rtol=1e-9, atol=1e-12)
     # an indefinite system in the batch: every system solved by LU instead
     systems[7] = np.diag(np.r_[-1.0, np.ones(size - 1)])
     expected = np.linalg.solve(systems, right[:, :, None])[:, :, 0]
-    np.testing.assert_allclose(fs._solve_positive_definite(systems, right), expected, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(fs._BatchedCholesky(systems).solve(right), expected, rtol=1e-9, atol=1e-12)
 
 
 def test_newton_polish_finds_the_root_and_stops_at_the_rounding_floor():
