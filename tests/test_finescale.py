@@ -789,6 +789,24 @@ def test_local_likelihood_gradient_matches_differences(kind, gaps):
         np.testing.assert_allclose(gradient, numeric, atol=1e-7)
 
 
+@pytest.mark.parametrize("gaps", [0.0, 0.15])
+def test_local_likelihood_grid_equals_one_call_per_point(gaps):
+    """The split's start grid, one batched solve per range, gives each point's likelihood
+    exactly (the same systems and sums as one call each)."""
+    rng = np.random.default_rng(4)
+    points = rng.uniform(0.0, 1000.0, (120, 2))
+    factor = np.linalg.cholesky(np.exp(-cdist(points, points) / 200.0) + 1e-9 * np.eye(120))
+    remainders = (factor @ rng.normal(size=(120, 50))).T + 0.5 * rng.normal(size=(50, 120))
+    remainders[rng.random(remainders.shape) < gaps] = np.nan
+    blocks = fs._local_blocks(remainders, points, False, 8, 100, 400, np.random.default_rng(1))
+    fractions, log_ranges = (0.0, 0.05, 0.65, 1.0), np.log([20.0, 150.0, 900.0])
+    values = fs._local_grid_values(blocks, "exponential", 1.7, fractions, log_ranges)
+    for row, fraction in enumerate(fractions):
+        for column, log_range in enumerate(log_ranges):
+            assert values[row, column] == fs._local_negative_loglik(
+                blocks, "exponential", 1.7 * (1.0 - fraction), np.exp(log_range), 1.7 * fraction)
+
+
 def test_clearing_the_geometry_cache_changes_no_result():
     """A fit after the cache is cleared recomputes its geometry and gives the same model."""
     rng = np.random.default_rng(2)
