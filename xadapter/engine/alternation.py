@@ -159,16 +159,17 @@ class _Alternation:
         self.objective = self._objective()
 
     def _feasible(self):
-        """The filled field, centred at its column mean (an array, or an operator over blocks)."""
+        """The filled field (an array, or an operator over blocks); sets its column ``mean``
+        and ``total``, the squared norm of the field centred at that mean."""
         if isinstance(self.store, MemoryStore):
             filled = self.store.array("resid")
             self.mean = filled.mean(axis=0)
             self._centred = filled - self.mean
-            self._total = float(np.sum(self._centred**2))
+            self.total = float(np.sum(self._centred**2))
             return filled
         blocks = _FeasibleBlocks(self.store, None, None, self.mean)
         self.mean = blocks.mean
-        self._total = blocks.total()
+        self.total = blocks.total()
         return blocks
 
     def _objective(self):
@@ -176,7 +177,7 @@ class _Alternation:
             explained = float(np.sum(self.basis * self.feasible.gram_times(self.basis)))
         else:
             explained = float(np.sum((self._centred @ self.basis) ** 2))
-        return self._total - explained + self.settings.penalty(self.basis)
+        return self.total - explained + self.settings.penalty(self.basis)
 
     def _mix(self, weights, slot):
         store = self.store
@@ -243,7 +244,7 @@ def fit_by_alternation(store, settings, init, report):
     converged = False
     iteration = 0
     for iteration in range(1, settings.max_iter + 1):
-        data_norm = np.sqrt(run._total)
+        data_norm = np.sqrt(run.total)  # ||W_c||, the scale of the relative tolerance
         record = run.step(iteration)
         for key in HISTORY_KEYS:
             history[key].append(record[key])

@@ -1571,17 +1571,16 @@ def _dense_krige_by_time(centred, loadings, eigenvalues, params, points, target_
 
     Every time is kriged from its whole ``W = C_fine + tau_eff^2 I`` over the observed
     sites (as :class:`_DensePattern` does for a pattern of at most ``k`` sites); where
-    nearly every time has its own pattern (a daily network with gaps) one batched
-    factorisation over a block of times replaces a Python round per pattern and, above
-    ``k`` sites, the ``n`` local ``k x k`` systems of each pattern. Each time's ``W`` is
-    the full ``N x N`` system with its unobserved sites decoupled (unit diagonal, zero
-    covariance): solved against right-hand sides that are zero at those sites, it gives
-    the observed block's solution padded with zeros. With fewer right-hand sides
-    (loadings and targets) than about ``2N/3`` the systems are solved for them, else
-    inverted once (an inverse costs ``2N^3``, a solve ``2N^3/3 + 2N^2`` per column).
+    nearly every time has its own pattern (a daily network with gaps) this replaces a
+    Python round per pattern and, above ``k`` sites, the ``n`` local ``k x k`` systems
+    of each pattern. Each time's observed block is solved from the inverse of ``W`` over
+    all sites, computed once, and the complement at its gaps (:func:`_observed_solve`;
+    solutions padded with zeros at the unobserved sites). With fewer right-hand sides
+    (loadings and targets) than about ``2N/3`` the blocks are solved for them, else
+    their inverses are formed.
 
     Fills ``predicted`` and ``variance`` ``(T, P)`` in place (no target mean); raises
-    ``LinAlgError`` when a system is singular.
+    ``LinAlgError`` when ``W`` or a time's system is singular.
     """
     n_times, n_sites = centred.shape
     n_targets, rank = target_loadings.shape
@@ -1610,7 +1609,9 @@ def _dense_krige_by_time(centred, loadings, eigenvalues, params, points, target_
             solved = _observed_solve(system, system_inverse, solved_all, observed, right)  # zero at unobserved sites
             weighted, target_weights = solved[:, :, :rank], solved[:, :, rank:]  # Q B D, Q c
         else:
-            precision = _observed_solve(system, system_inverse, solved_all, observed, unit_sites)  # (B, N, N)
+            # W_oo^-1 padded with zeros (its columns at the gaps are zero only to rounding)
+            precision = _observed_solve(system, system_inverse, solved_all, observed, unit_sites) \
+                * observed[:, None, :]
             weighted = precision @ scaled
         inverse = np.linalg.inv(unit_rank + np.swapaxes(weighted, 1, 2) @ scaled)  # (I + D B^T Q B D)^-1
         score_covariance = root[:, None] * inverse * root[None, :]
