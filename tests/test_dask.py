@@ -111,6 +111,26 @@ def test_gaps_and_covariates_fit_and_krige_like_numpy(gappy_network, scheduler, 
     _assert_same_kriging(kriged, eager_krige)
 
 
+@pytest.mark.parametrize("scheduler", ["threads", "distributed"])
+def test_gaps_without_a_trend_fit_and_krige_like_numpy(gappy_network, scheduler, request):
+    """No trend: the alternation of gap fill and basis step, its state and memory in the
+    store's blocks (on disk, or on the workers), gives the numpy model."""
+    resid, _ = gappy_network
+    if scheduler == "distributed":
+        request.getfixturevalue("cluster_client")
+    train, later = resid.isel(time=slice(0, 70)), resid.isel(time=slice(70, None))
+    eager = SpatialAdapter(rank=5).fit(train)
+    eager_krige = eager.krige(later)
+    config = {"scheduler": "threads"} if scheduler == "threads" else {}
+    with dask.config.set(**config):
+        lazy = SpatialAdapter(rank=5).fit(train.chunk({"time": 20}))
+        kriged = lazy.krige(later.chunk({"time": 8})).compute()
+    assert not eager.history.attrs["skipped_loop"]
+    np.testing.assert_array_equal(lazy.history["iteration"].values, eager.history["iteration"].values)
+    _assert_same_model(lazy, eager)
+    _assert_same_kriging(kriged, eager_krige)
+
+
 def test_kriging_dask_input_stays_lazy(complete_grid):
     train, test = complete_grid
     adapter = SpatialAdapter(rank=6).fit(train.isel(time=slice(0, 100)))
