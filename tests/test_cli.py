@@ -388,6 +388,22 @@ def test_user_mistakes_are_one_error_line(files, adapter_file, tmp_path, capsys,
     assert list(tmp_path.iterdir()) == []  # nothing written, not even a temporary file
 
 
+def test_a_scheduler_address_that_fails_leaves_dask_as_it_was(files, capsys):
+    """A failed connection leaves no default client behind (a Client that cannot parse its
+    address registers itself anyway), so later dask work in the process runs as before."""
+    distributed = pytest.importorskip("distributed")
+    import dask
+
+    before = dask.config.get("scheduler", None)
+    status, _, stderr = _run(["fit", files["input"], "resid", "--scheduler", "nonsense://nowhere", "-q",
+                              "-o", files["folder"] / "never.nc"], capsys)
+    assert status == 2 and "--scheduler" in stderr
+    with pytest.raises(ValueError):
+        distributed.default_client()
+    assert dask.config.get("scheduler", None) == before
+    assert float(xr.DataArray(np.arange(4.0)).chunk(2).sum().compute()) == 6.0
+
+
 def test_output_folder_is_checked_before_fitting(files, capsys):
     status, _, stderr = _run(["fit", files["input"], "resid", "-o", files["folder"] / "no" / "a.nc"], capsys)
     assert status == 2 and "does not exist" in stderr

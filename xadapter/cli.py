@@ -187,10 +187,27 @@ def _scheduler(spec, say):
     try:
         client = distributed.Client(spec, timeout=CONNECT_TIMEOUT)
     except (OSError, ValueError, TypeError) as error:
+        _close_unconnected_default_client(distributed)
         raise CommandError(f"--scheduler: cannot connect to a dask scheduler at {spec!r}: {error}") from None
     with client:
         say(f"dask: connected to {spec} ({len(client.scheduler_info().get('workers', {}))} workers)")
         yield
+
+
+def _close_unconnected_default_client(distributed):
+    """Close the default dask client if it never connected.
+
+    A ``Client`` whose constructor fails on an address it cannot parse stays registered
+    as the default client and leaves dask's scheduler set to it: every later dask
+    computation in the process (``main`` called from Python, a notebook) would go to an
+    address that does not work. A running default client (the user's own) is left alone.
+    """
+    try:
+        stale = distributed.default_client()
+    except ValueError:
+        return
+    if stale.status != "running":
+        stale.close()
 
 
 def _load_adapter(path):
