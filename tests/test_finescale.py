@@ -765,17 +765,22 @@ def test_local_blocks_equal_sums_time_by_time(coverage, max_blocks, slab, monkey
                                    atol=1e-9)
 
 
+def _correlated_blocks(seed, n_sites, n_times, gaps, max_centres, max_blocks):
+    """Local-likelihood blocks of an exponential field (range 200 km) plus noise, with gaps."""
+    rng = np.random.default_rng(seed)
+    points = rng.uniform(0.0, 1000.0, (n_sites, 2))
+    factor = np.linalg.cholesky(np.exp(-cdist(points, points) / 200.0) + 1e-9 * np.eye(n_sites))
+    remainders = (factor @ rng.normal(size=(n_sites, n_times))).T + 0.5 * rng.normal(size=(n_times, n_sites))
+    remainders[rng.random(remainders.shape) < gaps] = np.nan
+    return fs._local_blocks(remainders, points, False, 8, max_centres, max_blocks, np.random.default_rng(1))
+
+
 @pytest.mark.parametrize("kind", ["exponential", "matern32"])
 @pytest.mark.parametrize("gaps", [0.0, 0.15])
 def test_local_likelihood_gradient_matches_differences(kind, gaps):
     """The analytic gradient of the local likelihood in (nugget fraction, log range)
     equals central differences, with complete data and with gaps."""
-    rng = np.random.default_rng(0)
-    points = rng.uniform(0.0, 1000.0, (150, 2))
-    factor = np.linalg.cholesky(np.exp(-cdist(points, points) / 200.0) + 1e-9 * np.eye(150))
-    remainders = (factor @ rng.normal(size=(150, 60))).T + 0.5 * rng.normal(size=(60, 150))
-    remainders[rng.random(remainders.shape) < gaps] = np.nan
-    blocks = fs._local_blocks(remainders, points, False, 8, 120, 500, np.random.default_rng(1))
+    blocks = _correlated_blocks(0, 150, 60, gaps, 120, 500)
 
     def likelihood(fraction, log_range):
         return fs._local_negative_loglik(blocks, kind, 1.3 * (1.0 - fraction), np.exp(log_range), 1.3 * fraction)
@@ -793,12 +798,7 @@ def test_local_likelihood_gradient_matches_differences(kind, gaps):
 def test_local_likelihood_grid_equals_one_call_per_point(gaps):
     """The split's start grid, one batched solve per range, gives each point's likelihood
     exactly (the same systems and sums as one call each)."""
-    rng = np.random.default_rng(4)
-    points = rng.uniform(0.0, 1000.0, (120, 2))
-    factor = np.linalg.cholesky(np.exp(-cdist(points, points) / 200.0) + 1e-9 * np.eye(120))
-    remainders = (factor @ rng.normal(size=(120, 50))).T + 0.5 * rng.normal(size=(50, 120))
-    remainders[rng.random(remainders.shape) < gaps] = np.nan
-    blocks = fs._local_blocks(remainders, points, False, 8, 100, 400, np.random.default_rng(1))
+    blocks = _correlated_blocks(4, 120, 50, gaps, 100, 400)
     fractions, log_ranges = (0.0, 0.05, 0.65, 1.0), np.log([20.0, 150.0, 900.0])
     values = fs._local_grid_values(blocks, "exponential", 1.7, fractions, log_ranges)
     for row, fraction in enumerate(fractions):

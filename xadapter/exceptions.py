@@ -32,8 +32,9 @@ class ProblemTooLargeError(InputError):
 
 
 class WorkerLostError(XAdapterError, RuntimeError):
-    """Part of the fit's iterative state (filled field, ADMM or alternation memory) held on ``dask.distributed`` workers was lost with a worker
-    and cannot be recomputed: the fit cannot go on (run it again)."""
+    """Part of the fit's iterative state (filled field, ADMM or alternation memory) held on
+    ``dask.distributed`` workers was lost with a worker and cannot be recomputed: the fit
+    cannot go on (run it again)."""
 
 
 class NotFittedError(XAdapterError, AttributeError):

@@ -219,6 +219,10 @@ class _Settings:
     tol_abs: float
     tol_rel: float
 
+    def basis_tolerance(self):
+        """The stopping rule's bound on the span distance between consecutive bases."""
+        return self.tol_abs + self.tol_rel * np.sqrt(self.rank)
+
     def plain_steps(self):
         """No setting that only the ADMM's windows have (Phi-step every iteration, never frozen, no momentum)."""
         return self.phi_every == 1 and self.phi_freeze is None and self.momentum == 0
@@ -742,6 +746,24 @@ class _Driver:
         return feasible, self.w_mean, (feasible - self.w_mean) @ basis, basis
 
 
+def warn_not_converged(loop, settings, history, residual):
+    """The RuntimeWarning of a loop that ran ``max_iter`` iterations without meeting its
+    stopping rule; ``residual`` names its ``primal_residual``."""
+    # name the settings a user of SpatialAdapter has (max_iter, tol = tol_rel, history)
+    warn(f"the {loop} did not meet its stopping rule in max_iter = {settings.max_iter} iterations "
+         f"(last basis change {history['basis_change'][-1]:.2e}, {residual} "
+         f"{history['primal_residual'][-1]:.2e}); the result is the last iterate. Raise the "
+         "iteration limit or loosen the tolerance: SpatialAdapter(max_iter=..., tol=...) "
+         "(fit_adapter: max_iter, tol_rel, tol_abs); adapter.history shows the residuals "
+         "per iteration.", RuntimeWarning)
+
+
+def history_arrays(history):
+    """Lists of history records as arrays (``iteration`` as integers)."""
+    return {key: np.asarray(values, dtype=np.int64 if key == "iteration" else np.float64)
+            for key, values in history.items()}
+
+
 def _tolerance(settings, scale, size, data_norm):
     return settings.tol_abs * scale * np.sqrt(size) + settings.tol_rel * data_norm
 
@@ -871,7 +893,7 @@ def fit_adapter(data, rank, *, omega=None, tau1=0.0, tau2=0.0, covariates=None, 
     windows = list(store.rows) if batch_size == "chunks" else _windows(n_times, batch_size)
     rng = np.random.default_rng(seed)
     sweep = max(len(windows), settings.phi_every)
-    basis_tol = settings.tol_abs + settings.tol_rel * np.sqrt(settings.rank)
+    basis_tol = settings.basis_tolerance()
     history = {key: [] for key in HISTORY_KEYS}
     passed = []
     converged = False
@@ -898,13 +920,7 @@ def fit_adapter(data, rank, *, omega=None, tau1=0.0, tau2=0.0, covariates=None, 
 
     report.close(converged)
     if not converged:
-        # name the settings a user of SpatialAdapter has (max_iter, tol = tol_rel, history)
-        warn(f"the ADMM did not meet its stopping rule in max_iter = {settings.max_iter} iterations "
-                      f"(last basis change {history['basis_change'][-1]:.2e}, primal residual "
-                      f"{history['primal_residual'][-1]:.2e}); the result is the last iterate. Raise the "
-                      "iteration limit or loosen the tolerance: SpatialAdapter(max_iter=..., tol=...) "
-                      "(fit_adapter: max_iter, tol_rel, tol_abs); adapter.history shows the residuals "
-                      "per iteration.", RuntimeWarning)
+        warn_not_converged("ADMM", settings, history, "primal residual")
     frozen = settings.phi_freeze is not None and iteration > settings.phi_freeze
     filled, mean, scores, basis = driver.finish(refresh_basis=not frozen)
     return AdapterFit(
@@ -913,8 +929,7 @@ def fit_adapter(data, rank, *, omega=None, tau1=0.0, tau2=0.0, covariates=None, 
         mean=mean,
         filled=filled,
         trend_coef=None if driver.theta is None else np.array(driver.theta),
-        history={key: np.asarray(values, dtype=np.int64 if key == "iteration" else np.float64)
-                 for key, values in history.items()},
+        history=history_arrays(history),
         converged=converged,
         n_iter=iteration,
         skipped_loop=False,

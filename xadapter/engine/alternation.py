@@ -40,10 +40,9 @@ from __future__ import annotations
 import numpy as np
 
 from .admm import (FILL_RELAXATION, HISTORY_KEYS, AdapterFit, _FeasibleBlocks, _k_mark_gaps,
-                   _k_site_sums, _Progress, _tolerance, conditional_fill)
+                   _k_site_sums, _tolerance, conditional_fill, history_arrays, warn_not_converged)
 from .basis import subspace_distance
 from .store import MemoryStore
-from ..exceptions import warn
 
 #: Steps remembered by the Anderson mixing (``m``); 3 and 5 took the same iterations
 #: on the daily networks and a 300-station network, and each costs two values per gap.
@@ -154,9 +153,19 @@ class _Alternation:
         self.mean = site_mean
         self.products = np.zeros((self.slots, self.slots))
         self.order = []
+        self._phi_step(init)
+
+    def _phi_step(self, init):
+        """The exact Phi-step on the current fill (warm-started from ``init``) and the objective there."""
         self.feasible = self._feasible()
-        self.basis = settings.solve(self.feasible, init=init)
+        self.basis = self.settings.solve(self.feasible, init=init)
         self.objective = self._objective()
+
+    def _fill(self, slot, relaxation):
+        """``G`` on every block (:func:`_k_fill`); the new row of the steps' inner products."""
+        store = self.store
+        return store.reduce(_k_fill, args=(store.share(self.mean), store.share(self.basis), slot, relaxation),
+                            writes=("resid", "fills", "steps"), reads=("resid", "observed", "fills", "steps"))
 
     def _feasible(self):
         """The filled field (an array, or an operator over blocks); sets its column ``mean``
@@ -186,22 +195,18 @@ class _Alternation:
 
     def step(self, iteration):
         """One fill, one mixing and one Phi-step; returns the history record."""
-        store = self.store
         slot = (iteration - 1) % self.slots
         if slot in self.order:
             self.order.remove(slot)
         self.order.append(slot)
-        row = store.reduce(_k_fill, args=(store.share(self.mean), store.share(self.basis), slot, FILL_RELAXATION),
-                           writes=("resid", "fills", "steps"), reads=("resid", "observed", "fills", "steps"))
+        row = self._fill(slot, FILL_RELAXATION)
         self.products[slot] = self.products[:, slot] = row
         residual = float(np.sqrt(row[slot]))
         weights = anderson_weights(self.products, self.order)
         mixed = len(self.order) > 1
         moved = self._mix(weights, slot) if mixed else residual
         previous_basis, previous_objective = self.basis, self.objective
-        self.feasible = self._feasible()
-        self.basis = self.settings.solve(self.feasible, init=previous_basis)
-        self.objective = self._objective()
+        self._phi_step(previous_basis)
         if mixed and self.objective > previous_objective + 1e-12 * abs(previous_objective):
             # the extrapolation went uphill: take the plain step and start the memory again
             plain = np.zeros(self.slots)
@@ -209,22 +214,17 @@ class _Alternation:
             self._mix(plain, slot)
             moved = residual
             self.order = [slot]
-            self.feasible = self._feasible()
-            self.basis = self.settings.solve(self.feasible, init=previous_basis)
-            self.objective = self._objective()
+            self._phi_step(previous_basis)
         return {"iteration": iteration, "primal_residual": residual, "dual_residual": moved,
                 "basis_change": subspace_distance(self.basis, previous_basis), "objective": self.objective}
 
     def finish(self):
         """A last exact fill and Phi-step: basis, filled, mean and scores mutually exact."""
-        store = self.store
-        slot = self.order[-1] if self.order else 0
-        store.reduce(_k_fill, args=(store.share(self.mean), store.share(self.basis), slot, 1.0),
-                     writes=("resid", "fills", "steps"), reads=("resid", "observed", "fills", "steps"))
-        self.feasible = self._feasible()
-        basis = self.settings.solve(self.feasible, init=self.basis)
+        self._fill(self.order[-1] if self.order else 0, 1.0)
+        self._phi_step(self.basis)
+        basis = self.basis
         if isinstance(self.feasible, _FeasibleBlocks):
-            return store.array("resid"), self.mean, self.feasible.times(basis), basis
+            return self.store.array("resid"), self.mean, self.feasible.times(basis), basis
         return self.feasible, self.mean, self._centred @ basis, basis
 
 
@@ -238,7 +238,7 @@ def fit_by_alternation(store, settings, init, report):
     tolerance.
     """
     run = _Alternation(store, settings, init)
-    basis_tol = settings.tol_abs + settings.tol_rel * np.sqrt(settings.rank)
+    basis_tol = settings.basis_tolerance()
     size = run.n_times * run.n_sites
     history = {key: [] for key in HISTORY_KEYS}
     converged = False
@@ -256,16 +256,10 @@ def fit_by_alternation(store, settings, init, report):
             break
     report.close(converged)
     if not converged:
-        warn(f"the fit did not meet its stopping rule in max_iter = {settings.max_iter} iterations "
-             f"(last basis change {history['basis_change'][-1]:.2e}, fill residual "
-             f"{history['primal_residual'][-1]:.2e}); the result is the last iterate. Raise the "
-             "iteration limit or loosen the tolerance: SpatialAdapter(max_iter=..., tol=...) "
-             "(fit_adapter: max_iter, tol_rel, tol_abs); adapter.history shows the residuals "
-             "per iteration.", RuntimeWarning)
+        warn_not_converged("fit", settings, history, "fill residual")
     filled, mean, scores, basis = run.finish()
     return AdapterFit(
         basis=basis, scores=scores, mean=mean, filled=filled, trend_coef=None,
-        history={key: np.asarray(values, dtype=np.int64 if key == "iteration" else np.float64)
-                 for key, values in history.items()},
+        history=history_arrays(history),
         converged=converged, n_iter=iteration, skipped_loop=False, rho=settings.rho,
     )
